@@ -1,0 +1,16 @@
+"""bspf_ext: Block-based Symmetric Pruning and Fusion (BSPF) attention for vision transformers."""
+
+from . import _cpu_ops  # noqa: F401  (registers the CPU kernels)
+from . import reference
+from ._backends import cpu_capability, has_cuda_build
+from ._ops import block_mask, block_symmetric_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "block_symmetric_attention",
+    "block_mask",
+    "reference",
+    "cpu_capability",
+    "has_cuda_build",
+]

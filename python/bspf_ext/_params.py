@@ -1,0 +1,72 @@
+"""Fills the kernels' POD params structs from torch tensors.
+
+`backend` is a compiled module (`_C` or `_cuda`); both bind the same structs. Pointers
+cross as integers, strides as element counts, so the kernels never see torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type the kernels compute and save statistics in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_chunks(seqlen: int, block_size: int) -> int:
+    return -(-seqlen // block_size)
+
+
+def problem(backend, qk: torch.Tensor, v: torch.Tensor, block_size: int, scale: float, fuse: bool):
+    p = backend.Problem()
+    p.dtype = getattr(backend.DType, _DTYPE_NAMES[qk.dtype])
+    p.batch, p.heads, p.seqlen, p.head_dim = qk.shape
+    p.value_dim = v.shape[-1]
+    p.block_size = block_size
+    p.scale = scale
+    p.fuse = fuse
+    return p
+
+
+def saved(backend, mask_words, match, rho, lse, row_sum):
+    s = backend.Saved()
+    s.mask_words = mask_words.data_ptr()
+    s.match = match.data_ptr()
+    s.rho = rho.data_ptr()
+    s.lse = lse.data_ptr()
+    s.row_sum = row_sum.data_ptr()
+    return s
+
+
+def forward_params(backend, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved_struct, threads):
+    fp = backend.ForwardParams()
+    fp.p = problem(backend, qk, v, block_size, scale, fuse)
+    fp.keep_ratio = keep_ratio
+    fp.qk, fp.qk_stride = qk.data_ptr(), list(qk.stride())
+    fp.v, fp.v_stride = v.data_ptr(), list(v.stride())
+    fp.score_kernel = kernel.data_ptr()
+    fp.out = 0 if out is None else out.data_ptr()
+    fp.saved = saved_struct
+    fp.num_threads = threads
+    return fp
+
+
+def backward_params(backend, grad_out, qk, v, saved_struct, block_size, fuse, scale, grad_qk, grad_v, threads):
+    bp = backend.BackwardParams()
+    bp.p = problem(backend, qk, v, block_size, scale, fuse)
+    bp.grad_out, bp.grad_out_stride = grad_out.data_ptr(), list(grad_out.stride())
+    bp.qk, bp.qk_stride = qk.data_ptr(), list(qk.stride())
+    bp.v, bp.v_stride = v.data_ptr(), list(v.stride())
+    bp.saved = saved_struct
+    bp.grad_qk = grad_qk.data_ptr()
+    bp.grad_v = grad_v.data_ptr()
+    bp.num_threads = threads
+    return bp

@@ -1,0 +1,245 @@
+"""The BSPF operator in plain, vectorised PyTorch: the oracle every kernel is tested against.
+
+Written straight from SPEC.md §3. Everything is batched over (B, H); there are no
+Python loops over tokens or blocks. A ragged last chunk (N mod block_size != 0) is
+handled by padding the token axis to a whole number of chunks and masking the pad.
+
+The discrete choices (the keep mask M and the best match b(i)) are made under
+no_grad, so autograd through this module gives exactly SPEC §4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "block_symmetric_attention",
+    "block_mask",
+    "best_match",
+    "box_kernel",
+    "keep_count",
+]
+
+# cos(x, y) = x·y / max(‖x‖‖y‖, COS_EPS), SPEC §3.5.
+COS_EPS = 1e-8
+
+
+def box_kernel(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The 3×3 box filter, the default score kernel (θ = 0 in SPEC §5)."""
+    return torch.full((3, 3), 1.0 / 9.0, dtype=dtype, device=device)
+
+
+def keep_count(keep_ratio: float, rows: int, cols: int) -> int:
+    """k = ceil(r·rows·cols − 1e-9): entries kept in an off-diagonal block (SPEC §3.3).
+
+    Evaluated in double precision in exactly this order by every implementation, so
+    all of them keep the same number of entries.
+    """
+    return max(0, math.ceil(keep_ratio * rows * cols - 1e-9))
+
+
+def _chunk_sizes(n: int, block_size: int, device) -> torch.Tensor:
+    """|c| for every chunk c, as a 1-D int64 tensor."""
+    num_chunks = -(-n // block_size)
+    sizes = torch.full((num_chunks,), block_size, dtype=torch.int64, device=device)
+    if num_chunks:
+        sizes[-1] = n - (num_chunks - 1) * block_size
+    return sizes
+
+
+def _logits(qk: torch.Tensor, scale: float) -> torch.Tensor:
+    return scale * (qk @ qk.transpose(-1, -2))
+
+
+def _resolve_scale(qk: torch.Tensor, scale: float | None) -> float:
+    return qk.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+@torch.no_grad()
+def _keep_mask_from_logits(
+    logits: torch.Tensor, score_kernel: torch.Tensor, block_size: int, keep_ratio: float
+) -> torch.Tensor:
+    """SPEC §3.2–3.3: score upper blocks, keep each block's top k, mirror, full diagonal."""
+    *batch, n, _ = logits.shape
+    omega = block_size
+    num_chunks = -(-n // omega)
+    padded = num_chunks * omega
+    device = logits.device
+
+    # The pad is outside every block, so zero logits there are exactly the conv's zero padding.
+    lp = F.pad(logits, (0, padded - n, 0, padded - n))
+    blocks = lp.reshape(-1, num_chunks, omega, num_chunks, omega).transpose(2, 3)
+    flat = blocks.reshape(-1, 1, omega, omega)
+    weight = score_kernel.to(dtype=logits.dtype, device=device).reshape(1, 1, 3, 3)
+    scores = F.conv2d(flat, weight, padding=1).reshape(-1, num_chunks, num_chunks, omega * omega)
+
+    # Pad entries rank after every finite real score (they are never kept either way).
+    sizes = _chunk_sizes(n, omega, device)
+    local = torch.arange(omega, device=device)
+    row_valid = local[None, :] < sizes[:, None]  # (C, Ω)
+    entry_valid = (row_valid[:, None, :, None] & row_valid[None, :, None, :]).reshape(
+        num_chunks, num_chunks, omega * omega
+    )
+    # Rank by (valid first, score descending, index ascending): a stable descending sort
+    # keeps the smaller row-major index first among equal scores (SPEC tie rule).
+    scores = scores.masked_fill(~entry_valid, -math.inf)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(omega * omega, device=device).expand_as(order))
+
+    k = torch.tensor(
+        [[keep_count(keep_ratio, int(a), int(b)) for b in sizes.tolist()] for a in sizes.tolist()],
+        dtype=torch.int64,
+        device=device,
+    )
+    keep = (rank < k[:, :, None]) & entry_valid
+
+    chunk = torch.arange(num_chunks, device=device)
+    upper = chunk[:, None] < chunk[None, :]
+    keep = keep & upper[:, :, None]
+    keep = keep.reshape(-1, num_chunks, num_chunks, omega, omega)
+    keep = keep | keep.transpose(1, 2).transpose(-1, -2)  # mirror the upper blocks
+    keep = keep | torch.eye(num_chunks, dtype=torch.bool, device=device)[:, :, None, None]
+    mask = keep.transpose(2, 3).reshape(-1, padded, padded)[:, :n, :n]
+    return mask.reshape(*batch, n, n)
+
+
+def _cosine_within_chunks(qk: torch.Tensor, block_size: int) -> torch.Tensor:
+    """cos(x_i, x_j) for every pair of tokens of the same chunk: (..., C, Ω, Ω), pad rows 0."""
+    *batch, n, d = qk.shape
+    num_chunks = -(-n // block_size)
+    x = F.pad(qk, (0, 0, 0, num_chunks * block_size - n)).reshape(*batch, num_chunks, block_size, d)
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    dots = x @ x.transpose(-1, -2)
+    return dots / (norms[..., :, None] * norms[..., None, :]).clamp_min(COS_EPS)
+
+
+def _match_from_cosine(cos: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    """b(i): the other token of i's chunk with the largest cosine, ties to the smaller index.
+
+    A token alone in its chunk is its own match (it then fuses nothing, since ρ is 0).
+    Returns global token indices, (..., N) int64.
+    """
+    *batch, num_chunks, omega, _ = cos.shape
+    device = cos.device
+    local = torch.arange(omega, device=device)
+    sizes = _chunk_sizes(n, omega, device)
+    candidate = (local[None, None, :] < sizes[:, None, None]) & (local[:, None] != local[None, :])
+    scored = cos.detach().masked_fill(~candidate, -math.inf)
+    # argmax returns the first maximal index: the smaller index wins a tie.
+    best = scored.argmax(dim=-1)
+    alone = (sizes == 1)[:, None]
+    best = torch.where(alone, local[None, :], best)
+    best = best + (torch.arange(num_chunks, device=device) * omega)[:, None]
+    return best.reshape(*batch, num_chunks * omega)[..., :n]
+
+
+def _match_and_rho(qk: torch.Tensor, block_size: int, match: torch.Tensor | None = None):
+    """b(i) (chosen under no_grad unless given) and the differentiable ρ_i = max(cos, 0)."""
+    n = qk.shape[-2]
+    cos = _cosine_within_chunks(qk, block_size)
+    if match is None:
+        with torch.no_grad():
+            match = _match_from_cosine(cos, n, block_size)
+    num_chunks, omega = cos.shape[-3], cos.shape[-1]
+    # Index the chunk-local cosine table at (i, b(i)).
+    local_match = (match % omega).reshape(*match.shape[:-1], n)
+    cos_rows = cos.reshape(*cos.shape[:-3], num_chunks * omega, omega)[..., :n, :]
+    rho = cos_rows.gather(-1, local_match[..., None]).squeeze(-1).clamp_min(0)
+    rho = torch.where(match == torch.arange(n, device=qk.device), torch.zeros_like(rho), rho)
+    return match, rho
+
+
+def _check(qk: torch.Tensor, block_size: int, keep_ratio: float) -> None:
+    if qk.dim() != 4:
+        raise ValueError(f"qk must have shape (B, H, N, D), got {tuple(qk.shape)}")
+    if not isinstance(block_size, int) or not 1 <= block_size <= 64:
+        raise ValueError(f"block_size must be an int in [1, 64], got {block_size!r}")
+    if not 0.0 <= keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio!r}")
+
+
+def block_mask(
+    qk: torch.Tensor,
+    score_kernel: torch.Tensor | None = None,
+    *,
+    block_size: int = 16,
+    keep_ratio: float = 0.5,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The boolean keep mask M, (B, H, N, N) (SPEC §3.1–3.3)."""
+    _check(qk, block_size, keep_ratio)
+    if score_kernel is None:
+        score_kernel = box_kernel(qk.dtype, qk.device)
+    with torch.no_grad():
+        logits = _logits(qk, _resolve_scale(qk, scale))
+        return _keep_mask_from_logits(logits, score_kernel, block_size, keep_ratio)
+
+
+def best_match(qk: torch.Tensor, *, block_size: int = 16) -> torch.Tensor:
+    """b(i) for every token, (B, H, N) int64 global indices (SPEC §3.5)."""
+    with torch.no_grad():
+        return _match_from_cosine(_cosine_within_chunks(qk, block_size), qk.shape[-2], block_size)
+
+
+def _pattern_similarity(mask: torch.Tensor, match: torch.Tensor, block_size: int) -> torch.Tensor:
+    """H_{i,n(j)} expanded to (..., N, N): 1 − Hamming(M[i, chunk n], M[b(i), chunk n]) / |n|."""
+    n = mask.shape[-1]
+    num_chunks = -(-n // block_size)
+    matched_rows = mask.gather(-2, match[..., None].expand_as(mask))
+    differ = F.pad((mask != matched_rows).to(torch.int64), (0, num_chunks * block_size - n))
+    hamming = differ.reshape(*mask.shape[:-1], num_chunks, block_size).sum(-1)
+    sizes = _chunk_sizes(n, block_size, mask.device)
+    similarity = 1.0 - hamming.to(torch.float64) / sizes
+    column_chunk = torch.arange(n, device=mask.device) // block_size
+    return similarity[..., column_chunk]
+
+
+def block_symmetric_attention(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    score_kernel: torch.Tensor | None = None,
+    *,
+    block_size: int = 16,
+    keep_ratio: float = 0.5,
+    fuse: bool = True,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    match: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BSPF attention, SPEC §3. Differentiable in qk and v (SPEC §4).
+
+    `mask` and `match` override the discrete choices; tests use them to compare a
+    low-precision kernel with a float64 reference that makes the kernel's own choices
+    (SPEC §6, near-ties).
+    """
+    _check(qk, block_size, keep_ratio)
+    if score_kernel is None:
+        score_kernel = box_kernel(qk.dtype, qk.device)
+    n = qk.shape[-2]
+    if n == 0 or qk.numel() == 0:
+        return qk.new_zeros(*qk.shape[:-1], v.shape[-1]) + 0 * v.sum()
+
+    logits = _logits(qk, _resolve_scale(qk, scale))
+    if mask is None:
+        mask = _keep_mask_from_logits(logits.detach(), score_kernel, block_size, keep_ratio)
+    mask = mask.expand_as(logits)
+    probs = torch.softmax(logits, dim=-1)
+    kept = mask.to(probs.dtype)
+    weights = probs * kept
+
+    if fuse:
+        match, rho = _match_and_rho(qk, block_size, match)
+        match = match.expand(*logits.shape[:-1])
+        similarity = _pattern_similarity(mask, match, block_size).to(probs.dtype)
+        pruned_share = rho[..., None] * similarity * probs * (1.0 - kept)
+        fused = torch.zeros_like(probs).scatter_add(
+            -2, match[..., None].expand_as(probs), pruned_share
+        )
+        weights = weights + fused * kept
+
+    attn = weights / weights.sum(-1, keepdim=True)
+    return attn @ v
