@@ -19,6 +19,7 @@ __all__ = [
     "block_symmetric_attention",
     "block_mask",
     "best_match",
+    "block_scores",
     "box_kernel",
     "keep_count",
 ]
@@ -58,6 +59,20 @@ def _resolve_scale(qk: torch.Tensor, scale: float | None) -> float:
     return qk.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+def _block_scores(logits: torch.Tensor, score_kernel: torch.Tensor, block_size: int) -> torch.Tensor:
+    """S = conv3x3(L_mn, W) for every block (SPEC §3.2): (batch, C, C, Ω·Ω), row-major per block."""
+    n = logits.shape[-1]
+    omega = block_size
+    num_chunks = -(-n // omega)
+    padded = num_chunks * omega
+    # The pad is outside every block, so zero logits there are exactly the conv's zero padding.
+    lp = F.pad(logits, (0, padded - n, 0, padded - n))
+    blocks = lp.reshape(-1, num_chunks, omega, num_chunks, omega).transpose(2, 3)
+    flat = blocks.reshape(-1, 1, omega, omega)
+    weight = score_kernel.to(dtype=logits.dtype, device=logits.device).reshape(1, 1, 3, 3)
+    return F.conv2d(flat, weight, padding=1).reshape(-1, num_chunks, num_chunks, omega * omega)
+
+
 @torch.no_grad()
 def _keep_mask_from_logits(
     logits: torch.Tensor, score_kernel: torch.Tensor, block_size: int, keep_ratio: float
@@ -68,13 +83,7 @@ def _keep_mask_from_logits(
     num_chunks = -(-n // omega)
     padded = num_chunks * omega
     device = logits.device
-
-    # The pad is outside every block, so zero logits there are exactly the conv's zero padding.
-    lp = F.pad(logits, (0, padded - n, 0, padded - n))
-    blocks = lp.reshape(-1, num_chunks, omega, num_chunks, omega).transpose(2, 3)
-    flat = blocks.reshape(-1, 1, omega, omega)
-    weight = score_kernel.to(dtype=logits.dtype, device=device).reshape(1, 1, 3, 3)
-    scores = F.conv2d(flat, weight, padding=1).reshape(-1, num_chunks, num_chunks, omega * omega)
+    scores = _block_scores(logits, score_kernel, block_size)
 
     # Pad entries rank after every finite real score (they are never kept either way).
     sizes = _chunk_sizes(n, omega, device)
@@ -83,8 +92,8 @@ def _keep_mask_from_logits(
     entry_valid = (row_valid[:, None, :, None] & row_valid[None, :, None, :]).reshape(
         num_chunks, num_chunks, omega * omega
     )
-    # Rank by (valid first, score descending, index ascending): a stable descending sort
-    # keeps the smaller row-major index first among equal scores (SPEC tie rule).
+    # A stable descending sort keeps the smaller row-major index first among equal scores
+    # (SPEC tie rule); row-major order over the padded block is the block's own order.
     scores = scores.masked_fill(~entry_valid, -math.inf)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
@@ -177,6 +186,30 @@ def block_mask(
     with torch.no_grad():
         logits = _logits(qk, _resolve_scale(qk, scale))
         return _keep_mask_from_logits(logits, score_kernel, block_size, keep_ratio)
+
+
+def block_scores(
+    qk: torch.Tensor,
+    score_kernel: torch.Tensor | None = None,
+    *,
+    block_size: int = 16,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The scores S (SPEC §3.2) laid out like the mask, (B, H, N, N): S_mn at the entries of
+    every upper block (m < n), NaN elsewhere. Tests use it for the near-tie rule (SPEC §6)."""
+    _check(qk, block_size, 0.0)
+    if score_kernel is None:
+        score_kernel = box_kernel(qk.dtype, qk.device)
+    *batch, n, _ = qk.shape
+    num_chunks = -(-n // block_size)
+    padded = num_chunks * block_size
+    with torch.no_grad():
+        scores = _block_scores(_logits(qk, _resolve_scale(qk, scale)), score_kernel, block_size)
+        chunk = torch.arange(num_chunks, device=qk.device)
+        upper = chunk[:, None] < chunk[None, :]
+        scores = scores.masked_fill(~upper[:, :, None], math.nan)
+        scores = scores.reshape(-1, num_chunks, num_chunks, block_size, block_size).transpose(2, 3)
+        return scores.reshape(-1, padded, padded)[:, :n, :n].reshape(*batch, n, n)
 
 
 def best_match(qk: torch.Tensor, *, block_size: int = 16) -> torch.Tensor:
