@@ -4,12 +4,17 @@ from . import _cpu_ops  # noqa: F401  (registers the CPU kernels)
 from . import reference
 from ._backends import cpu_capability, has_cuda_build
 from ._ops import block_mask, block_symmetric_attention
+from .nn import BlockSymmetricAttention
+from . import models, patch  # noqa: E402  (they build on the names above)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "block_symmetric_attention",
     "block_mask",
+    "BlockSymmetricAttention",
+    "models",
+    "patch",
     "reference",
     "cpu_capability",
     "has_cuda_build",
