@@ -55,11 +55,13 @@ def _norm(norm_layer: Optional[Callable[[int], nn.Module]], enabled: bool, width
     return norm_layer(width)
 
 
-def _check_no_attn_mask(attn_mask) -> None:
+def _check_no_attn_mask(attn_mask, is_causal: bool) -> None:
     if attn_mask is not None:
         raise ValueError(
             "attn_mask is not supported: BSPF decides its own keep mask from the logits; pass attn_mask=None"
         )
+    if is_causal:
+        raise ValueError("is_causal=True is not supported: BSPF attention is bidirectional by design")
 
 
 class DenseAttention(nn.Module):
@@ -90,15 +92,17 @@ class DenseAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(_check_dropout("proj_drop", proj_drop))
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool = False) -> Tensor:
         dropout = self.attn_drop.p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
+        )
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = self._attend(self.q_norm(q), self.k_norm(k), v, attn_mask)
+        x = self._attend(self.q_norm(q), self.k_norm(k), v, attn_mask, is_causal)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(self.norm(x)))
 
@@ -114,9 +118,9 @@ class ChunkAttention(DenseAttention):
         super().__init__(dim, num_heads, **dense_kwargs)
         self.block_size = check_block_size(block_size)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
-        if attn_mask is not None:
-            raise ValueError("attn_mask is not supported by ChunkAttention; pass attn_mask=None")
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("attn_mask and is_causal are not supported by ChunkAttention; leave them unset")
         b, h, n, d = q.shape
         omega = self.block_size
         chunks = -(-n // omega)
@@ -154,7 +158,8 @@ class BlockSymmetricAttention(nn.Module):
     It is still a parameter, saved and loaded with the state_dict.
 
     Not supported, and refused with a ValueError: attn_drop > 0 (the attention
-    probabilities never exist outside the fused operator) and an `attn_mask` in forward.
+    probabilities never exist outside the fused operator), and `attn_mask` or
+    `is_causal=True` in forward (accepted as arguments, like timm's, only when unset).
 
     On CPU the operator computes in float32/float64 only, so lower precision inputs (CPU
     autocast, a bf16 model) are computed in float32 and cast back; on CUDA they pass through.
@@ -215,8 +220,8 @@ class BlockSymmetricAttention(nn.Module):
         center[1, 1] = 1.0
         return center
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        _check_no_attn_mask(attn_mask)
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        _check_no_attn_mask(attn_mask, is_causal)
         b, n, c = x.shape
         qk = self.qk_norm(self.qk(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2))
         v = self.v(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)

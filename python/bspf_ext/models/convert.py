@@ -141,7 +141,14 @@ def attention_from_dense(attn: nn.Module, *, qk_init: str = "spectral", **bspf_k
     for name in ("qkv", "proj", "num_heads"):
         if not hasattr(attn, name):
             raise TypeError(f"{type(attn).__name__} is not a dense attention module: it has no {name!r}")
-    dim = attn.proj.in_features
+    dim = attn.qkv.in_features
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("a gated attention (timm's gated=True) has no BSPF counterpart")
+    if attn.qkv.out_features != 3 * dim or attn.proj.in_features != dim or attn.proj.out_features != dim:
+        raise ValueError(
+            "only attention whose heads span the model width (attn_head_dim, dim_out unset) converts; got "
+            f"qkv {attn.qkv.in_features}->{attn.qkv.out_features}, proj {attn.proj.in_features}->{attn.proj.out_features}"
+        )
     attn_drop = getattr(getattr(attn, "attn_drop", None), "p", 0.0)
     proj_drop = getattr(getattr(attn, "proj_drop", None), "p", 0.0)
     q_norm = getattr(attn, "q_norm", nn.Identity())
@@ -171,9 +178,10 @@ def attention_from_dense(attn: nn.Module, *, qk_init: str = "spectral", **bspf_k
     state = convert_attention_state(attn.state_dict(), attn.num_heads, qk_init)
     if module.theta is not None:
         state["theta"] = module.theta.detach().clone()
-    module.load_state_dict(state)
     weight = attn.qkv.weight
-    return module.to(device=weight.device, dtype=weight.dtype)
+    module.to(device=weight.device, dtype=weight.dtype)  # before loading, so nothing is rounded
+    module.load_state_dict(state)
+    return module
 
 
 def resample_pos_embed(pos_embed: Tensor, grid_size: int, num_prefix_tokens: int = 1) -> Tensor:
