@@ -2,6 +2,7 @@
 
 from . import _cpu_ops  # noqa: F401  (registers the CPU kernels)
 from . import reference
+from . import pruning  # noqa: F401  (bspf_ext.pruning: the token-reduction methods BSPF is compared with)
 from ._backends import cpu_capability, has_cuda_build
 from ._ops import block_mask, block_symmetric_attention
 from .nn import BlockSymmetricAttention
