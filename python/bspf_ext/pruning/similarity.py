@@ -30,9 +30,13 @@ from .tokens import gather_tokens, kept_indices
 COSINE_EPS = 1e-8  # as torch.nn.functional.normalize: x / max(||x||, eps)
 
 
-def _unit(patches: torch.Tensor) -> torch.Tensor:
+def _working(patches: torch.Tensor) -> torch.Tensor:
     # Half-precision sums over hundreds of patches lose too much; score in float32 at least.
-    work = patches if patches.dtype in (torch.float32, torch.float64) else patches.float()
+    return patches if patches.dtype in (torch.float32, torch.float64) else patches.float()
+
+
+def _unit(patches: torch.Tensor) -> torch.Tensor:
+    work = _working(patches)
     return work / work.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
 
 
@@ -51,19 +55,23 @@ def patch_similarity(patches: torch.Tensor) -> torch.Tensor:
 def redundancy_scores(patches: torch.Tensor) -> torch.Tensor:
     """Redundancy of each patch: its mean cosine similarity to the OTHER patches, (B, P).
 
-    Computed without the P×P similarity matrix: with unit vectors u_j and their sum s,
-    Σ_{j≠i} u_i·u_j = u_i·s − u_i·u_i, which is O(P·C) instead of O(P²·C) and equals the
-    mean of the off-diagonal row of `patch_similarity` up to rounding. A single patch has
-    no others: its score is 0.
+    Computed without the P×P similarity matrix: with unit vectors u_j = x_j / n_j and their
+    sum s, Σ_{j≠i} u_i·u_j = u_i·s − u_i·u_i. That is O(P·C) instead of O(P²·C), and done
+    as two matrix-vector products over x (s = Σ_j x_j / n_j, then x_i·s / n_i), so no
+    normalised copy of x is made. Equals the off-diagonal row mean of `patch_similarity`
+    up to rounding. A single patch has no others: its score is 0.
     """
     check_tokens("patches", patches)
     num_patches = patches.shape[1]
-    unit = _unit(patches)
+    work = _working(patches)
+    norms = torch.linalg.vector_norm(work, dim=-1)  # (B, P)
     if num_patches < 2:
-        return unit.new_zeros(unit.shape[:2])
-    total = unit.sum(dim=1, keepdim=True)
-    self_similarity = (unit * unit).sum(dim=-1)  # 1, or 0 for a zero patch
-    return ((unit * total).sum(dim=-1) - self_similarity) / (num_patches - 1)
+        return torch.zeros_like(norms)
+    inverse = 1.0 / norms.clamp_min(COSINE_EPS)
+    total = (inverse.unsqueeze(1) @ work)  # (B, 1, C): the sum of the unit vectors
+    dots = (work @ total.transpose(1, 2)).squeeze(-1) * inverse  # u_i·s
+    self_similarity = (norms * inverse).square()  # 1, or 0 for a zero patch
+    return (dots - self_similarity) / (num_patches - 1)
 
 
 def grid_positions(grid_size: Tuple[int, int], device=None) -> torch.Tensor:
