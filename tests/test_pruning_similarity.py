@@ -288,6 +288,7 @@ def test_progressive_pruning_with_diversity_uses_original_positions():
         (lambda t: similarity_prune(t, 0.5, diversity=1.0, positions=torch.zeros(5, 2)), ValueError),
         (lambda t: similarity_prune(t, 0.5, score_tokens=t[:, 1:]), ValueError),
         (lambda t: SimilarityPatchPruning(), ValueError),
+        (lambda t: SimilarityPatchPruning(threshold="0.5"), TypeError),
         (lambda t: SimilarityPrunedBlocks([nn.Identity()], {2: 0.5}), ValueError),
         (lambda t: SimilarityPrunedBlocks([nn.Identity()], [0.5]), TypeError),
     ],

@@ -23,6 +23,14 @@ from .tokens import gather_kept, gather_tokens, kept_indices, scatter_kept
 KEEP = 1  # channel of the gate's two logits that means "process this token"
 
 
+def _positive_int(name: str, value, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int ({meaning}), got {_describe(value)}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int ({meaning}), got {value}")
+    return value
+
+
 class SelectiveGate(nn.Module):
     """Per-token keep/prune decision: LayerNorm → Linear(C, C/4) → GELU → Linear(C/4, 2).
 
@@ -37,11 +45,8 @@ class SelectiveGate(nn.Module):
     def __init__(self, dim: int, *, hidden_dim: Optional[int] = None, tau: float = 1.0,
                  init_keep_logit: float = 2.0, has_class_token: bool = True):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int (the token width C), got {_describe(dim)}")
-        hidden_dim = max(dim // 4, 1) if hidden_dim is None else hidden_dim
-        if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be a positive int or None (C/4), got {_describe(hidden_dim)}")
+        dim = _positive_int("dim", dim, "the token width C")
+        hidden_dim = max(dim // 4, 1) if hidden_dim is None else _positive_int("hidden_dim", hidden_dim, "None means C/4")
         self.dim = dim
         self.tau = check_positive_float("tau", tau)
         self.has_class_token = check_bool("has_class_token", has_class_token)

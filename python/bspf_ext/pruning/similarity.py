@@ -10,6 +10,7 @@ docs/pruning.md gives the definitions and the choices made where the paper is va
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -163,10 +164,15 @@ def _check_score_tokens(score_tokens, tokens: torch.Tensor) -> torch.Tensor:
     return score_tokens
 
 
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+        raise TypeError(f"threshold must be a finite float (a redundancy score in [-1, 1]), got {_describe(threshold)}")
+    return float(threshold)
+
+
 def _threshold_counts(scores: torch.Tensor, threshold, min_keep) -> torch.Tensor:
     """Per image: how many patches score <= threshold, at least min_keep."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise TypeError(f"threshold must be a finite float (a redundancy score in [-1, 1]), got {_describe(threshold)}")
+    threshold = _check_threshold(threshold)
     min_keep = min(check_nonnegative_int("min_keep", min_keep), scores.shape[1])
     return (scores <= threshold).sum(dim=1).clamp_min(min_keep)
 
@@ -297,7 +303,7 @@ class SimilarityPatchPruning(nn.Module):
         if (keep_ratio is None) == (threshold is None):
             raise ValueError("give exactly one of keep_ratio (a fixed ratio) and threshold (an adaptive one)")
         self.keep_ratio = None if keep_ratio is None else check_keep_ratio(keep_ratio)
-        self.threshold = threshold
+        self.threshold = None if threshold is None else _check_threshold(threshold)
         self.has_class_token = check_bool("has_class_token", has_class_token)
         self.diversity = check_nonnegative_float("diversity", diversity)
         self.diversity_radius = check_positive_float("diversity_radius", diversity_radius)
