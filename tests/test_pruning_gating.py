@@ -405,3 +405,30 @@ def test_gate_masks_in_block_order_without_the_class_token():
 def test_bad_input_is_a_clear_error(call, error):
     with pytest.raises(error):
         call()
+
+
+@pytest.mark.parametrize("attention", ["dense", "bspf"])
+def test_gates_in_a_bspf_ext_vit(attention):
+    from bspf_ext import models
+
+    torch.manual_seed(0)
+    dense = models.vit_tiny(attention, img_size=32, patch_size=8, depth=3, num_classes=10).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = dense(images)
+    blocks = list(dense.blocks)
+    dense.blocks = nn.Sequential(*gate_blocks(blocks, 192, gated=[1, 2], init_keep_logit=100.0))
+    with torch.no_grad():
+        assert torch.equal(dense(images), expected), "gates that keep everything change nothing"
+
+    model = models.vit_tiny(attention, img_size=32, patch_size=8, depth=3, num_classes=10)
+    model.blocks = nn.Sequential(*gate_blocks(model.blocks, 192, gated=[1, 2], init_keep_logit=0.0))
+    loss = model.train()(images).square().mean() + 4 * dynamic_keep_ratio_loss(gate_masks(model), [0.7, 0.5])
+    loss.backward()
+    assert model.blocks[1].gate.mlp[-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        logits = model.eval()(images)
+        counts = gate_statistics(model).keep_ratio_per_image
+        assert len(set(counts[0].tolist())) > 1, "the images keep different numbers of tokens"
+        for b in range(4):  # a ragged batch gives each image what it gets alone
+            torch.testing.assert_close(model(images[b : b + 1])[0], logits[b], rtol=1e-4, atol=1e-5)

@@ -297,3 +297,18 @@ def test_bad_input_is_a_clear_error(call, error):
     tokens = _tokens(num_patches=15)  # 15 patches: not a square grid
     with pytest.raises(error):
         call(tokens)
+
+
+@pytest.mark.parametrize("attention", ["dense", "bspf"])
+def test_progressive_pruning_in_a_bspf_ext_vit(attention):
+    from bspf_ext import models
+
+    torch.manual_seed(0)
+    model = models.vit_tiny(attention, img_size=32, patch_size=8, depth=3, num_classes=10).eval()
+    model.blocks = SimilarityPrunedBlocks(model.blocks, {0: 0.5, 2: 0.5}, grid_size=(4, 4), diversity=0.5)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(images)
+        assert model.blocks.last_indices.shape == (3, 1 + 4)
+        for b in range(3):  # each image is pruned on its own content
+            torch.testing.assert_close(model(images[b : b + 1])[0], logits[b], rtol=1e-4, atol=1e-5)
