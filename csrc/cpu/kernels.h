@@ -1,6 +1,8 @@
 // The CPU implementations behind bspf/cpu.h. dispatch.cpp picks one per call.
 #pragma once
 
+#include <cstdint>
+
 #include "bspf/params.h"
 
 namespace bspf::cpu::scalar {
@@ -8,3 +10,30 @@ void mask(const ForwardParams& params);
 void forward(const ForwardParams& params);
 void backward(const BackwardParams& params);
 }  // namespace bspf::cpu::scalar
+
+// The AVX2+FMA path (float32 only), compiled with -mavx2 -mfma in its own translation
+// unit. It exposes one (batch, head) pair at a time and leaves the thread loop, the
+// scratch pool and every std:: container to dispatch.cpp, which is compiled for
+// baseline x86-64: an inline function or template instantiation shared by both
+// translation units could otherwise be emitted with AVX instructions and picked by the
+// linker for the portable path too, crashing it on CPUs without AVX2.
+namespace bspf::cpu::avx2 {
+
+// Per-thread scratch memory, opaque to callers. Grows on demand and is reused.
+struct Workspace;
+Workspace* create_workspace();
+void destroy_workspace(Workspace* workspace);
+
+// k of an off-diagonal block, from bspf::keep_count (evaluated by the caller): every
+// upper block has full rows, and its columns are full or the ragged last chunk.
+struct KeepCounts {
+  int64_t full = 0;  // keep_count(r, Ω, Ω)
+  int64_t tail = 0;  // keep_count(r, Ω, |last chunk|)
+};
+
+// Each returns false when scratch memory could not be allocated (nothing is written then).
+bool mask_pair(const ForwardParams& params, const KeepCounts& keep, int64_t pair, Workspace* workspace);
+bool forward_pair(const ForwardParams& params, const KeepCounts& keep, int64_t pair, Workspace* workspace);
+bool backward_pair(const BackwardParams& params, int64_t pair, Workspace* workspace);
+
+}  // namespace bspf::cpu::avx2

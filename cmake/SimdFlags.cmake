@@ -1,0 +1,17 @@
+# The AVX2+FMA translation unit: compiled with -mavx2 -mfma and nothing wider, so the
+# rest of the library stays baseline x86-64 and the path is chosen at run time
+# (csrc/cpu/dispatch.cpp). Other architectures build the portable path only.
+
+function(bspf_add_avx2_sources target)
+  set(source ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu/avx2.cpp)
+  if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64|x64)$"
+     AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+    target_sources(${target} PRIVATE ${source})
+    set_source_files_properties(${source} PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma")
+    # Tells the dispatcher (compiled without AVX2 flags) that the path exists.
+    target_compile_definitions(${target} PRIVATE BSPF_HAVE_AVX2=1)
+    message(STATUS "bspf: AVX2+FMA CPU path enabled (chosen at run time)")
+  else()
+    message(STATUS "bspf: no AVX2 CPU path for ${CMAKE_SYSTEM_PROCESSOR}; portable path only")
+  endif()
+endfunction()

@@ -1,0 +1,770 @@
+// The AVX2+FMA CPU path for float32: SPEC §3 and §4 computed one (batch, head) pair at a
+// time with its whole working set (an N×N tile of logits, ~160 KB at N = 197) in L2.
+//
+// Compiled with -mavx2 -mfma only, and chosen at run time by dispatch.cpp. To keep the
+// portable path safe on CPUs without AVX2 this file uses no inline function or template
+// shared with other translation units: no std:: containers or algorithms, no <cmath>
+// overloads (compiler builtins instead), and of params.h only its plain structs.
+//
+// Where it differs from scalar.cpp (the correctness baseline), it differs only in
+// rounding: dot products and sums are vectorised, so float32 scores may swap places at
+// a near-tie of a block's k-th score (SPEC §6), exactly as any two float32
+// implementations may. The selection rule itself (top k, ties to the smaller row-major
+// index, NaN last) is the same.
+#include <immintrin.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "kernels.h"
+
+namespace bspf::cpu::avx2 {
+namespace {
+
+constexpr int64_t kLanes = 8;
+constexpr float kCosEps = 1e-8f;  // cos(x, y) = x·y / max(‖x‖‖y‖, 1e-8)
+
+inline int64_t round_up8(int64_t n) { return (n + 7) & ~int64_t{7}; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1; }
+
+// ----------------------------------------------------------------- vector helpers
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int64_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Lanes [0, n) all ones, the rest zero (n in [0, 8]).
+inline __m256 lane_mask(int64_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
+}
+
+// Lane l all ones where bit l of `bits` is set.
+inline __m256 expand_bits(uint32_t bits) {
+  const __m256i select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i b = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), select);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, select));
+}
+
+// exp(x) to about 2 ulp (Cephes' polynomial); inputs below -88.38 give 0.
+inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+  e = _mm256_slli_epi32(e, 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float dot(const float* a, const float* b, int64_t padded_len) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= padded_len; k += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+  }
+  if (k < padded_len) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// dst (8×8, row stride ldd) = transpose of src (8×8, row stride lds).
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    r[h + 0] = _mm256_shuffle_ps(t[h + 0], t[h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 1] = _mm256_shuffle_ps(t[h + 0], t[h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// dst (cols×rows) = srcᵀ for src (rows×cols); rows and cols multiples of 8.
+void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t i = 0; i < rows; i += 8)
+    for (int64_t j = 0; j < cols; j += 8) transpose8(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+}
+
+// ------------------------------------------------------------------- dense GEMM
+
+// C[0..4)[0..8·NV) = alpha · Σ_k A[r][k] · B[k][0..8·NV): A's entries broadcast, B's rows
+// loaded as vectors. 4×24 accumulators fill 12 of the 16 ymm registers.
+template <int NV>
+inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c,
+                      int64_t ldc, __m256 alpha) {
+  __m256 acc[4][NV];
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    __m256 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + k * ldb + v * kLanes);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a + r * lda + k);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + r * ldc + v * kLanes, _mm256_mul_ps(alpha, acc[r][v]));
+}
+
+// Rows [row_begin, row_end) (multiples of 4) of C = alpha · A·B, columns [col_begin(i0), cols)
+// where col_begin is `upper ? i0 rounded down to 8 : 0`; cols is a multiple of 8.
+void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
+          int64_t rows, int64_t cols, float alpha, bool upper) {
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (int64_t i = 0; i < rows; i += 4) {
+    const float* ai = a + i * lda;
+    float* ci = c + i * ldc;
+    int64_t j = upper ? (i & ~int64_t{7}) : 0;
+    for (; j + 24 <= cols; j += 24) gemm_tile<3>(ai, lda, b + j, ldb, depth, ci + j, ldc, va);
+    if (cols - j == 16) gemm_tile<2>(ai, lda, b + j, ldb, depth, ci + j, ldc, va);
+    if (cols - j == 8) gemm_tile<1>(ai, lda, b + j, ldb, depth, ci + j, ldc, va);
+  }
+}
+
+// ------------------------------------------------------------ sparse row products
+
+// out[0..8·NV) = Σ over kept j of coef[j] · B[j][0..8·NV), kept j read from one row's
+// mask words: only the kept entries of a row are touched (pruned ones are skipped).
+template <int NV>
+inline void sparse_row_tile(const float* coef, const uint64_t* words, int64_t chunks, int64_t omega,
+                            const float* b, int64_t ldb, float* out, __m256 alpha) {
+  __m256 acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t base = c * omega;
+    for (uint64_t m = words[c]; m; m &= m - 1) {
+      const int64_t j = base + __builtin_ctzll(m);
+      const __m256 s = _mm256_broadcast_ss(coef + j);
+      const float* bj = b + j * ldb;
+      for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(s, _mm256_loadu_ps(bj + v * kLanes), acc[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + v * kLanes, _mm256_mul_ps(alpha, acc[v]));
+}
+
+// out[0..width) (width a multiple of 8) = alpha · Σ over kept j of coef[j] · B[j][:].
+void sparse_row(const float* coef, const uint64_t* words, int64_t chunks, int64_t omega, const float* b,
+                int64_t ldb, int64_t width, float* out, float alpha) {
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (int64_t col = 0; col < width; col += 64) {
+    const float* bc = b + col;
+    float* oc = out + col;
+    switch (min64(8, (width - col) / kLanes)) {
+      case 1: sparse_row_tile<1>(coef, words, chunks, omega, bc, ldb, oc, va); break;
+      case 2: sparse_row_tile<2>(coef, words, chunks, omega, bc, ldb, oc, va); break;
+      case 3: sparse_row_tile<3>(coef, words, chunks, omega, bc, ldb, oc, va); break;
+      case 4: sparse_row_tile<4>(coef, words, chunks, omega, bc, ldb, oc, va); break;
+      case 5: sparse_row_tile<5>(coef, words, chunks, omega, bc, ldb, oc, va); break;
+      case 6: sparse_row_tile<6>(coef, words, chunks, omega, bc, ldb, oc, va); break;
+      case 7: sparse_row_tile<7>(coef, words, chunks, omega, bc, ldb, oc, va); break;
+      default: sparse_row_tile<8>(coef, words, chunks, omega, bc, ldb, oc, va); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- geometry, memory
+
+struct Geometry {
+  int64_t n, d, dv;     // sizes
+  int64_t omega, chunks, last;  // chunk size, count, size of the last chunk
+  int64_t ld;           // N rounded up to 8: row stride of every N×N buffer
+  int64_t dp, dvp;      // D and Dv rounded up to 8
+  Geometry(const Problem& p)
+      : n(p.seqlen), d(p.head_dim), dv(p.value_dim), omega(p.block_size),
+        chunks((p.seqlen + p.block_size - 1) / p.block_size),
+        last(p.seqlen - ((p.seqlen + p.block_size - 1) / p.block_size - 1) * p.block_size),
+        ld(round_up8(p.seqlen)), dp(round_up8(p.head_dim)), dvp(round_up8(p.value_dim)) {}
+  int64_t begin(int64_t c) const { return c * omega; }
+  int64_t size(int64_t c) const { return c == chunks - 1 ? last : omega; }
+  int64_t square() const { return ld * ld + kLanes; }  // + slack: the score tiles read a vector past a row
+};
+
+// One 64-byte aligned array that grows on demand (contents are not kept when it grows).
+template <typename T>
+struct Array {
+  T* data = nullptr;
+  int64_t capacity = 0;
+  Array() = default;
+  Array(const Array&) = delete;
+  Array& operator=(const Array&) = delete;
+  ~Array() { std::free(data); }
+  bool reserve(int64_t count) {
+    if (count <= capacity) return true;
+    std::free(data);
+    const int64_t bytes = ((count * static_cast<int64_t>(sizeof(T)) + 63) / 64) * 64;
+    data = static_cast<T*>(std::aligned_alloc(64, static_cast<size_t>(bytes)));
+    capacity = data ? count : 0;
+    if (data) std::memset(data, 0, static_cast<size_t>(bytes));  // slack past the rows stays finite
+    return data != nullptr;
+  }
+};
+
+// Copies one (b, h) slice of a strided (B, H, N, width) tensor into a dense ld×padded buffer,
+// zero in the padding rows and columns.
+void gather(const float* base, const int64_t* stride, int64_t pair, int64_t heads, int64_t n, int64_t width,
+            int64_t rows, int64_t padded, float* dst) {
+  const float* src = base + (pair / heads) * stride[0] + (pair % heads) * stride[1];
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = dst + i * padded;
+    if (i >= n) {
+      std::memset(row, 0, sizeof(float) * padded);
+      continue;
+    }
+    const float* s = src + i * stride[2];
+    if (stride[3] == 1) {
+      std::memcpy(row, s, sizeof(float) * width);
+    } else {
+      for (int64_t k = 0; k < width; ++k) row[k] = s[k * stride[3]];
+    }
+    for (int64_t k = width; k < padded; ++k) row[k] = 0.0f;
+  }
+}
+
+}  // namespace
+
+// Scratch of one thread. Members sized per call by reserve().
+struct Workspace {
+  Array<float> x, xt, v, vt, g, dx;            // X, Xᵀ, V, Vᵀ, dOut, dX (padded rows)
+  Array<float> logits, weights, grad, work;    // ld×ld squares
+  Array<float> chunk, tile, small, out_row, column;
+  Array<int32_t> keys;
+  Array<uint64_t> bitmap;
+};
+
+namespace {
+
+// ------------------------------------------------------------------------ logits
+
+// L = scale · X Xᵀ over the ld×ld square: upper 8×8 tiles by GEMM, lower ones mirrored
+// (QQᵀ is symmetric). Padding rows/columns come out 0 since X's padding rows are 0.
+void compute_logits(const Geometry& g, const float* x, const float* xt, float scale, float* logits) {
+  gemm(x, g.dp, xt, g.ld, g.d, logits, g.ld, g.ld, g.ld, scale, /*upper=*/true);
+  for (int64_t i = 8; i < g.ld; i += 8)
+    for (int64_t j = 0; j < i; j += 8) transpose8(logits + j * g.ld + i, g.ld, logits + i * g.ld + j, g.ld);
+}
+
+// --------------------------------------------------------------------- keep mask
+
+// Float → int32 whose signed order is the float order; -0 counts as +0 and NaN as -inf
+// (NaN ranks last, as in the portable path).
+inline __m256i order_key(__m256 s) {
+  s = _mm256_add_ps(s, _mm256_setzero_ps());  // -0 + 0 = +0
+  s = _mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), s, _mm256_cmp_ps(s, s, _CMP_ORD_Q));
+  const __m256i bits = _mm256_castps_si256(s);
+  const __m256i flip = _mm256_and_si256(_mm256_srai_epi32(bits, 31), _mm256_set1_epi32(0x7FFFFFFF));
+  return _mm256_xor_si256(bits, flip);
+}
+
+// How many of `count` keys are ≥ threshold.
+inline int64_t count_at_least(const int32_t* keys, int64_t count, int32_t threshold) {
+  const __m256i t = _mm256_set1_epi32(threshold);
+  __m256i below0 = _mm256_setzero_si256(), below1 = _mm256_setzero_si256();
+  int64_t e = 0;
+  for (; e + 16 <= count; e += 16) {
+    const __m256i k0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e));
+    const __m256i k1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e + 8));
+    below0 = _mm256_sub_epi32(below0, _mm256_cmpgt_epi32(t, k0));
+    below1 = _mm256_sub_epi32(below1, _mm256_cmpgt_epi32(t, k1));
+  }
+  if (e < count)
+    below0 = _mm256_sub_epi32(
+        below0, _mm256_cmpgt_epi32(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e))));
+  return count - hsum_epi32(_mm256_add_epi32(below0, below1));
+}
+
+// Scores one upper block (SPEC §3.2: 3×3 conv of its logits, zero outside the block),
+// keeps its k best (§3.3) and returns the kept bits per row in `row_bits`.
+//
+// Selection is a bisection on the order keys for the k-th largest, without sorting: the
+// kept set is every key above it plus, among keys equal to it, the first ones in
+// row-major order. It stops early once some threshold splits off exactly k entries.
+void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                  const float* kernel, int64_t k, Workspace& ws, uint64_t* row_bits) {
+  const int64_t ts = round_up8(cols + 2) + kLanes;  // padded tile row: zero, cols values, zeros
+  const int64_t sp = round_up8(cols);               // key row stride
+  float* tile = ws.tile.data;
+  int32_t* keys = ws.keys.data;
+  const __m256 zero = _mm256_setzero_ps();
+
+  std::memset(tile, 0, sizeof(float) * ts);
+  std::memset(tile + (rows + 1) * ts, 0, sizeof(float) * ts);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* t = tile + (i + 1) * ts;
+    const float* src = logits + (r0 + i) * g.ld + c0;
+    t[0] = 0.0f;
+    for (int64_t j = 0; j < cols; j += kLanes) _mm256_storeu_ps(t + 1 + j, _mm256_loadu_ps(src + j));
+    _mm256_storeu_ps(t + 1 + cols, zero);  // what the last vector copied past the block
+  }
+
+  __m256 w[9];
+  for (int e = 0; e < 9; ++e) w[e] = _mm256_set1_ps(kernel[e]);
+  const __m256i padding = _mm256_set1_epi32(INT_MIN);  // below every real key
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < sp; j += kLanes) {
+      __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(tile + i * ts + j));
+      for (int e = 1; e < 9; ++e)
+        s = _mm256_fmadd_ps(w[e], _mm256_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
+      __m256i key = order_key(s);
+      if (j + kLanes > cols) key = _mm256_blendv_epi8(padding, key, _mm256_castps_si256(lane_mask(cols - j)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), key);
+    }
+
+  const int64_t count = rows * sp;
+  // Bisection in unsigned key space (u = key ^ 2^31): the largest u with ≥ k keys at or above it.
+  uint32_t u = 0;
+  int64_t at_least = count;
+  for (int bit = 31; bit >= 0 && at_least != k; --bit) {
+    const uint32_t candidate = u | (uint32_t{1} << bit);
+    const int64_t c = count_at_least(keys, count, static_cast<int32_t>(candidate ^ 0x80000000u));
+    if (c >= k) {
+      u = candidate;
+      at_least = c;
+    }
+  }
+  const int32_t threshold = static_cast<int32_t>(u ^ 0x80000000u);
+  const __m256i t = _mm256_set1_epi32(threshold);
+  if (at_least == k) {  // exactly the keys ≥ threshold
+    const __m256i below = _mm256_set1_epi32(threshold - 1);  // threshold > INT_MIN: padding is never counted
+    for (int64_t i = 0; i < rows; ++i) {
+      uint64_t bits = 0;
+      for (int64_t j = 0; j < sp; j += kLanes) {
+        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + j));
+        bits |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, below))))
+                << j;
+      }
+      row_bits[i] = bits;
+    }
+    return;
+  }
+  // Ties at the k-th key: keys above it, then equal ones in row-major order.
+  // #(key > threshold) = #(key ≥ threshold + 1); threshold < INT_MAX since it is a real key.
+  const int64_t above = count_at_least(keys, count, threshold + 1);
+  int64_t need = k - above;
+  for (int64_t i = 0; i < rows; ++i) {
+    uint64_t greater = 0, equal = 0;
+    for (int64_t j = 0; j < sp; j += kLanes) {
+      const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + j));
+      greater |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, t)))) << j;
+      equal |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, t)))) << j;
+    }
+    for (; need > 0 && equal; --need) {
+      greater |= equal & (~equal + 1);  // lowest set bit
+      equal &= equal - 1;
+    }
+    row_bits[i] = greater;
+  }
+}
+
+// SPEC §3.3 for one pair: diagonal blocks full, upper blocks selected, mirrored below.
+void compute_mask_words(const Geometry& g, const float* logits, const float* kernel, const KeepCounts& keep,
+                        Workspace& ws, uint64_t* words) {
+  const int64_t C = g.chunks;
+  std::memset(words, 0, sizeof(uint64_t) * g.n * C);
+  for (int64_t m = 0; m < C; ++m)
+    for (int64_t i = g.begin(m); i < g.begin(m) + g.size(m); ++i) words[i * C + m] = low_bits(g.size(m));
+  uint64_t row_bits[64];
+  for (int64_t m = 0; m + 1 < C; ++m) {
+    const int64_t r0 = g.begin(m), rows = g.size(m);
+    for (int64_t bn = m + 1; bn < C; ++bn) {
+      const int64_t c0 = g.begin(bn), cols = g.size(bn);
+      const int64_t k = bn == C - 1 ? keep.tail : keep.full;
+      if (k <= 0) continue;
+      if (k >= rows * cols) {
+        for (int64_t i = 0; i < rows; ++i) row_bits[i] = low_bits(cols);
+      } else {
+        select_block(g, logits, r0, rows, c0, cols, kernel, k, ws, row_bits);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        words[(r0 + i) * C + bn] = row_bits[i];
+        for (uint64_t b = row_bits[i]; b; b &= b - 1) words[(c0 + __builtin_ctzll(b)) * C + m] |= uint64_t{1} << i;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------- matching
+
+// SPEC §3.5: b(i) and ρ_i within each chunk; the same comparisons as the portable path.
+void compute_match(const Geometry& g, const float* x, Workspace& ws, int32_t* match, float* rho) {
+  float* norm = ws.small.data;
+  float* gram = ws.small.data + 64;  // 64×64
+  for (int64_t c = 0; c < g.chunks; ++c) {
+    const int64_t b0 = g.begin(c), size = g.size(c);
+    for (int64_t a = 0; a < size; ++a) {
+      const float* xa = x + (b0 + a) * g.dp;
+      norm[a] = __builtin_sqrtf(dot(xa, xa, g.dp));
+      for (int64_t b = a + 1; b < size; ++b) gram[a * 64 + b] = gram[b * 64 + a] = dot(xa, x + (b0 + b) * g.dp, g.dp);
+    }
+    for (int64_t a = 0; a < size; ++a) {
+      int64_t best = a;
+      float best_cos = -__builtin_inff();
+      for (int64_t b = 0; b < size; ++b) {
+        if (b == a) continue;
+        const float prod = norm[a] * norm[b];
+        const float cos = gram[a * 64 + b] / (prod < kCosEps ? kCosEps : prod);
+        if (best == a || cos > best_cos) {  // strict: the smaller index keeps a tie
+          best = b;
+          best_cos = cos;
+        }
+      }
+      match[b0 + a] = static_cast<int32_t>(b0 + best);
+      rho[b0 + a] = best == a ? 0.0f : (best_cos < 0.0f ? 0.0f : best_cos);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- probabilities
+
+// Row i of P = exp(L − lse_i) over the N real columns, 0 in the padding; returns lse_i.
+float softmax_row(const Geometry& g, float* row) {
+  const int64_t full = g.n / kLanes * kLanes;
+  const __m256 tail = lane_mask(g.n - full);
+  const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
+  __m256 mx = neg_inf;
+  for (int64_t j = 0; j < full; j += kLanes) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + j));
+  if (full < g.n) mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(row + full), tail));
+  const float row_max = hmax(mx);
+  const __m256 vmax = _mm256_set1_ps(row_max);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmax));
+    _mm256_storeu_ps(row + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (full < g.n) {
+    const __m256 e = _mm256_and_ps(tail, exp256(_mm256_sub_ps(_mm256_loadu_ps(row + full), vmax)));
+    _mm256_storeu_ps(row + full, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  const float total = hsum(sum);
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (int64_t j = 0; j < g.ld; j += kLanes) _mm256_storeu_ps(row + j, _mm256_mul_ps(inv, _mm256_loadu_ps(row + j)));
+  return row_max + __builtin_logf(total);
+}
+
+// Row i of P recomputed from saved lse_i (the backward): exp(L − lse_i), 0 in the padding.
+void probs_row(const Geometry& g, float* row, float lse) {
+  const __m256 vlse = _mm256_set1_ps(lse);
+  for (int64_t j = 0; j < g.ld; j += kLanes) {
+    __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), vlse));
+    if (j + kLanes > g.n) p = _mm256_and_ps(p, lane_mask(g.n - j));
+    _mm256_storeu_ps(row + j, p);
+  }
+}
+
+// A row's mask words as one bit per column, so that 8 columns are one byte.
+void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) {
+  const int64_t count = g.ld / 64 + 1;
+  for (int64_t w = 0; w < count; ++w) bitmap[w] = 0;
+  for (int64_t c = 0; c < g.chunks; ++c) {
+    const int64_t at = g.begin(c), shift = at % 64;
+    const uint64_t word = row_words[c];
+    bitmap[at / 64] |= word << shift;
+    if (shift + g.size(c) > 64) bitmap[at / 64 + 1] |= word >> (64 - shift);
+  }
+}
+
+inline uint32_t bitmap_byte(const uint64_t* bitmap, int64_t j) {  // bits of columns [j, j + 8), j % 8 == 0
+  return static_cast<uint32_t>(bitmap[j / 64] >> (j % 64)) & 0xFFu;
+}
+
+// Calls fn(j, similarity) for every pruned entry (i, j) whose target (b(i), j) is kept
+// (SPEC §3.6–3.7), as the portable path does.
+template <typename Fn>
+inline void for_each_fused_entry(const Geometry& g, int64_t i, const uint64_t* words, const int32_t* match,
+                                 const float* rho, Fn&& fn) {
+  const int64_t C = g.chunks, p = match[i];
+  if (p == i || !(rho[i] > 0.0f)) return;
+  const int64_t own = i / g.omega;
+  for (int64_t c = 0; c < C; ++c) {
+    if (c == own) continue;
+    const uint64_t wi = words[i * C + c], wp = words[p * C + c];
+    uint64_t moved = ~wi & wp & low_bits(g.size(c));
+    if (!moved) continue;
+    const float similarity =
+        1.0f - static_cast<float>(__builtin_popcountll(wi ^ wp)) / static_cast<float>(g.size(c));
+    for (; moved; moved &= moved - 1) fn(g.begin(c) + __builtin_ctzll(moved), similarity);
+  }
+}
+
+// Rows of chunk m of R = P ⊙ M + F (SPEC §3.8) into `weights` (row r = token begin(m) + r)
+// and their sums Z into row_sum[r]; `bitmap` is scratch of ld / 64 + 1 words. Fusion stays inside the chunk (b(i) is in it).
+void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint64_t* words, const int32_t* match,
+                   const float* rho, bool fuse, uint64_t* bitmap, float* weights, float* row_sum) {
+  const int64_t r0 = g.begin(m), rows = g.size(m);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r0 + r;
+    row_bitmap(g, words + i * g.chunks, bitmap);
+    const float* p = probs + i * g.ld;
+    float* w = weights + r * g.ld;
+    for (int64_t j = 0; j < g.ld; j += kLanes)
+      _mm256_storeu_ps(w + j, _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), _mm256_loadu_ps(p + j)));
+  }
+  if (fuse)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = r0 + r;
+      float* target = weights + (match[i] - r0) * g.ld;
+      const float* source = probs + i * g.ld;
+      const float share = rho[i];
+      for_each_fused_entry(g, i, words, match, rho,
+                           [&](int64_t j, float similarity) { target[j] += share * similarity * source[j]; });
+    }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* w = weights + r * g.ld;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t j = 0; j < g.ld; j += kLanes) s = _mm256_add_ps(s, _mm256_loadu_ps(w + j));
+    row_sum[r] = hsum(s);
+  }
+}
+
+// ---------------------------------------------------------------- pair drivers
+
+bool reserve_forward(const Geometry& g, Workspace& ws) {
+  return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
+         ws.logits.reserve(g.square()) && ws.chunk.reserve(g.omega * g.ld) &&
+         ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(64 * 64) &&
+         ws.small.reserve(64 + 64 * 64) && ws.out_row.reserve(g.dvp) && ws.bitmap.reserve(g.ld / 64 + 1);
+}
+
+// X gathered, Xᵀ, and L (the shared first steps of every entry point).
+void load_logits(const Geometry& g, const float* qk, const int64_t* stride, int64_t pair, int64_t heads,
+                 float scale, Workspace& ws) {
+  gather(qk, stride, pair, heads, g.n, g.d, g.ld, g.dp, ws.x.data);
+  transpose(ws.x.data, g.dp, g.ld, g.dp, ws.xt.data, g.ld);
+  compute_logits(g, ws.x.data, ws.xt.data, scale, ws.logits.data);
+}
+
+// Writes a dense row of `padded` floats as `width` floats.
+inline void store_row(const float* src, int64_t width, float* dst) { std::memcpy(dst, src, sizeof(float) * width); }
+
+}  // namespace
+
+Workspace* create_workspace() { return new (std::nothrow) Workspace(); }
+
+void destroy_workspace(Workspace* ws) { delete ws; }
+
+bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Workspace* workspace) {
+  Workspace& ws = *workspace;
+  const Geometry g(fp.p);
+  if (!reserve_forward(g, ws)) return false;
+  load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
+              ws);
+  compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws,
+                     fp.saved.mask_words + pair * g.n * g.chunks);
+  return true;
+}
+
+bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Workspace* workspace) {
+  Workspace& ws = *workspace;
+  const Geometry g(fp.p);
+  if (!reserve_forward(g, ws)) return false;
+  uint64_t* words = fp.saved.mask_words + pair * g.n * g.chunks;
+  int32_t* match = fp.saved.match + pair * g.n;
+  float* rho = static_cast<float*>(fp.saved.rho) + pair * g.n;
+  float* lse = static_cast<float*>(fp.saved.lse) + pair * g.n;
+  float* row_sum = static_cast<float*>(fp.saved.row_sum) + pair * g.n;
+  float* out = static_cast<float*>(fp.out) + pair * g.n * g.dv;
+
+  load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
+              ws);
+  gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, g.n, g.dvp, ws.v.data);
+  compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws, words);
+  compute_match(g, ws.x.data, ws, match, rho);
+
+  // One chunk of rows at a time while its logits are in cache: softmax, weights with
+  // fusion, and A·V over the kept entries only.
+  float* o = ws.out_row.data;
+  for (int64_t m = 0; m < g.chunks; ++m) {
+    const int64_t r0 = g.begin(m), rows = g.size(m);
+    for (int64_t i = r0; i < r0 + rows; ++i) lse[i] = softmax_row(g, ws.logits.data + i * g.ld);
+    chunk_weights(g, m, ws.logits.data, words, match, rho, fp.p.fuse, ws.bitmap.data, ws.chunk.data, row_sum + r0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = r0 + r;
+      sparse_row(ws.chunk.data + r * g.ld, words + i * g.chunks, g.chunks, g.omega, ws.v.data, g.dvp, g.dvp, o,
+                 1.0f / row_sum[i]);
+      store_row(o, g.dv, out + i * g.dv);
+    }
+  }
+  return true;
+}
+
+bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace) {
+  Workspace& ws = *workspace;
+  const Geometry g(bp.p);
+  const int64_t N = g.n, ld = g.ld, C = g.chunks;
+  if (!reserve_forward(g, ws) || !ws.vt.reserve(g.dvp * ld) || !ws.g.reserve(ld * g.dvp) ||
+      !ws.dx.reserve(ld * g.dp) || !ws.weights.reserve(g.square()) || !ws.grad.reserve(g.square()) ||
+      !ws.work.reserve(g.square()) || !ws.column.reserve(ld))
+    return false;
+  const uint64_t* words = bp.saved.mask_words + pair * N * C;
+  const int32_t* match = bp.saved.match + pair * N;
+  const float* rho = static_cast<const float*>(bp.saved.rho) + pair * N;
+  const float* lse = static_cast<const float*>(bp.saved.lse) + pair * N;
+  const float* row_sum = static_cast<const float*>(bp.saved.row_sum) + pair * N;
+  float* grad_qk = static_cast<float*>(bp.grad_qk) + pair * N * g.d;
+  float* grad_v = static_cast<float*>(bp.grad_v) + pair * N * g.dv;
+  const float scale = static_cast<float>(bp.p.scale);
+  const int64_t heads = bp.p.heads;
+
+  float* probs = ws.logits.data;
+  float* weights = ws.weights.data;  // R, then A = R / Z
+  float* grad = ws.grad.data;        // G Vᵀ, then dR, dP, dL
+  float* work = ws.work.data;        // Aᵀ, then S = scale · (dL + dLᵀ)
+
+  load_logits(g, static_cast<const float*>(bp.qk), bp.qk_stride, pair, heads, scale, ws);
+  gather(static_cast<const float*>(bp.v), bp.v_stride, pair, heads, N, g.dv, ld, g.dvp, ws.v.data);
+  gather(static_cast<const float*>(bp.grad_out), bp.grad_out_stride, pair, heads, N, g.dv, ld, g.dvp, ws.g.data);
+  transpose(ws.v.data, g.dvp, ld, g.dvp, ws.vt.data, ld);
+
+  for (int64_t i = 0; i < N; ++i) probs_row(g, probs + i * ld, lse[i]);
+  std::memset(probs + N * ld, 0, sizeof(float) * (ld - N) * ld);
+
+  // A = R / Z, with R rebuilt from P and the saved choices (the forward's own code).
+  float recomputed_z[64];  // the saved Z is used instead, as in the portable path
+  for (int64_t m = 0; m < C; ++m)
+    chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, ws.bitmap.data, weights + g.begin(m) * ld, recomputed_z);
+  std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
+  for (int64_t i = 0; i < N; ++i) {
+    const __m256 inv = _mm256_set1_ps(1.0f / row_sum[i]);
+    float* a = weights + i * ld;
+    for (int64_t j = 0; j < ld; j += kLanes) _mm256_storeu_ps(a + j, _mm256_mul_ps(inv, _mm256_loadu_ps(a + j)));
+  }
+
+  // dA = G Vᵀ (dense: only kept entries are used), then
+  // dR(i, j) = M(i, j) · (dA(i, j) − Σ_k A(i, k) dA(i, k)) / Z_i.
+  gemm(ws.g.data, g.dvp, ws.vt.data, ld, g.dv, grad, ld, ld, ld, 1.0f, /*upper=*/false);
+  uint64_t* bitmap = ws.bitmap.data;
+  for (int64_t i = 0; i < N; ++i) {
+    const float* a = weights + i * ld;
+    float* dr = grad + i * ld;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t j = 0; j < ld; j += kLanes)
+      s = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(dr + j), s);
+    const __m256 a_dot_da = _mm256_set1_ps(hsum(s)), inv = _mm256_set1_ps(1.0f / row_sum[i]);
+    row_bitmap(g, words + i * C, bitmap);
+    for (int64_t j = 0; j < ld; j += kLanes) {
+      const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(dr + j), a_dot_da), inv);
+      _mm256_storeu_ps(dr + j, _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), v));
+    }
+  }
+  std::memset(grad + N * ld, 0, sizeof(float) * (ld - N) * ld);
+
+  // dV_j = Σ_i A(i, j) G_i over kept (i, j); M is symmetric, so row j's kept columns are
+  // exactly the i with (i, j) kept, and Aᵀ makes the coefficients contiguous.
+  transpose(weights, ld, ld, ld, work, ld);
+  float* o = ws.out_row.data;
+  for (int64_t j = 0; j < N; ++j) {
+    sparse_row(work + j * ld, words + j * C, C, g.omega, ws.g.data, g.dvp, g.dvp, o, 1.0f);
+    store_row(o, g.dv, grad_v + j * g.dv);
+  }
+
+  // dP = M ⊙ dR plus, on pruned (i, j), ρ_i · H · dR(b(i), j); and dρ_i (SPEC §4).
+  // In place: the writes go to pruned entries, the reads to kept ones.
+  float* grad_rho = ws.column.data;
+  for (int64_t i = 0; i < N; ++i) {
+    float acc = 0.0f;
+    if (bp.p.fuse) {
+      const float* grad_target = grad + match[i] * ld;
+      const float* p = probs + i * ld;
+      float* dp = grad + i * ld;
+      const float r = rho[i];
+      for_each_fused_entry(g, i, words, match, rho, [&](int64_t j, float similarity) {
+        dp[j] += r * similarity * grad_target[j];
+        acc += similarity * p[j] * grad_target[j];
+      });
+    }
+    grad_rho[i] = acc;
+  }
+
+  // dL = P ⊙ (dP − Σ_k P(i, k) dP(i, k)).
+  for (int64_t i = 0; i < N; ++i) {
+    const float* p = probs + i * ld;
+    float* dl = grad + i * ld;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t j = 0; j < ld; j += kLanes) s = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(dl + j), s);
+    const __m256 vs = _mm256_set1_ps(hsum(s));
+    for (int64_t j = 0; j < ld; j += kLanes)
+      _mm256_storeu_ps(dl + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), _mm256_sub_ps(_mm256_loadu_ps(dl + j), vs)));
+  }
+
+  // dX = S X with S = scale · (dL + dLᵀ).
+  transpose(grad, ld, ld, ld, work, ld);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t e = 0; e < ld * ld; e += kLanes)
+    _mm256_storeu_ps(work + e, _mm256_mul_ps(vscale, _mm256_add_ps(_mm256_loadu_ps(work + e), _mm256_loadu_ps(grad + e))));
+  float* dx = ws.dx.data;
+  gemm(work, ld, ws.x.data, g.dp, N, dx, g.dp, ld, g.dp, 1.0f, /*upper=*/false);
+
+  // The cosine behind ρ_i = max(cos(x_i, x_b(i)), 0) (SPEC §4, last line).
+  const float* x = ws.x.data;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t q = match[i];
+    if (q == i || !(rho[i] > 0.0f) || grad_rho[i] == 0.0f) continue;
+    const float* xi = x + i * g.dp;
+    const float* xq = x + q * g.dp;
+    const float nx = __builtin_sqrtf(dot(xi, xi, g.dp)), nq = __builtin_sqrtf(dot(xq, xq, g.dp));
+    const float prod = nx * nq, gr = grad_rho[i];
+    float* gi = dx + i * g.dp;
+    float* gq = dx + q * g.dp;
+    if (prod >= kCosEps) {
+      const float cos = dot(xi, xq, g.dp) / prod;
+      const __m256 a = _mm256_set1_ps(gr / prod), bi = _mm256_set1_ps(gr * cos / (nx * nx)),
+                   bq = _mm256_set1_ps(gr * cos / (nq * nq));
+      for (int64_t k = 0; k < g.dp; k += kLanes) {
+        const __m256 vi = _mm256_loadu_ps(xi + k), vq = _mm256_loadu_ps(xq + k);
+        _mm256_storeu_ps(gi + k, _mm256_fnmadd_ps(bi, vi, _mm256_fmadd_ps(a, vq, _mm256_loadu_ps(gi + k))));
+        _mm256_storeu_ps(gq + k, _mm256_fnmadd_ps(bq, vq, _mm256_fmadd_ps(a, vi, _mm256_loadu_ps(gq + k))));
+      }
+    } else {
+      const __m256 a = _mm256_set1_ps(gr / kCosEps);
+      for (int64_t k = 0; k < g.dp; k += kLanes) {
+        _mm256_storeu_ps(gi + k, _mm256_fmadd_ps(a, _mm256_loadu_ps(xq + k), _mm256_loadu_ps(gi + k)));
+        _mm256_storeu_ps(gq + k, _mm256_fmadd_ps(a, _mm256_loadu_ps(xi + k), _mm256_loadu_ps(gq + k)));
+      }
+    }
+  }
+  for (int64_t i = 0; i < N; ++i) store_row(dx + i * g.dp, g.d, grad_qk + i * g.d);
+  return true;
+}
+
+}  // namespace bspf::cpu::avx2
