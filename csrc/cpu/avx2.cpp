@@ -163,43 +163,67 @@ void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t dept
 
 // ------------------------------------------------------------ sparse row products
 
-// out[0..8·NV) = Σ over kept j of coef[j] · B[j][0..8·NV), kept j read from one row's
-// mask words: only the kept entries of a row are touched (pruned ones are skipped).
+// Two rows at a time: out_r[0..8·NV) = alpha_r · Σ_j coef_r[j] · B[j][0..8·NV) over the
+// union of the two rows' kept columns (coef is 0 where a row prunes j). Only kept
+// entries are touched, and each row of B loaded serves both rows.
 template <int NV>
-inline void sparse_row_tile(const float* coef, const uint64_t* words, int64_t chunks, int64_t omega,
-                            const float* b, int64_t ldb, float* out, __m256 alpha) {
-  __m256 acc[NV];
-  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+inline void sparse_pair_tile(const float* coef0, const float* coef1, const uint64_t* words0,
+                             const uint64_t* words1, int64_t chunks, int64_t omega, const float* b, int64_t ldb,
+                             float* out0, float* out1, __m256 alpha0, __m256 alpha1) {
+  __m256 acc0[NV], acc1[NV];
+  for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = _mm256_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t base = c * omega;
-    for (uint64_t m = words[c]; m; m &= m - 1) {
+    for (uint64_t m = words0[c] | words1[c]; m; m &= m - 1) {
       const int64_t j = base + __builtin_ctzll(m);
-      const __m256 s = _mm256_broadcast_ss(coef + j);
+      const __m256 s0 = _mm256_broadcast_ss(coef0 + j), s1 = _mm256_broadcast_ss(coef1 + j);
       const float* bj = b + j * ldb;
-      for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(s, _mm256_loadu_ps(bj + v * kLanes), acc[v]);
+      for (int v = 0; v < NV; ++v) {
+        const __m256 bv = _mm256_loadu_ps(bj + v * kLanes);
+        acc0[v] = _mm256_fmadd_ps(s0, bv, acc0[v]);
+        acc1[v] = _mm256_fmadd_ps(s1, bv, acc1[v]);
+      }
     }
   }
-  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + v * kLanes, _mm256_mul_ps(alpha, acc[v]));
+  for (int v = 0; v < NV; ++v) {
+    _mm256_storeu_ps(out0 + v * kLanes, _mm256_mul_ps(alpha0, acc0[v]));
+    _mm256_storeu_ps(out1 + v * kLanes, _mm256_mul_ps(alpha1, acc1[v]));
+  }
 }
 
-// out[0..width) (width a multiple of 8) = alpha · Σ over kept j of coef[j] · B[j][:].
-void sparse_row(const float* coef, const uint64_t* words, int64_t chunks, int64_t omega, const float* b,
-                int64_t ldb, int64_t width, float* out, float alpha) {
-  const __m256 va = _mm256_set1_ps(alpha);
-  for (int64_t col = 0; col < width; col += 64) {
+// Rows [0, rows) of OUT = diag(alpha) · COEF·B, each row restricted to its kept entries:
+// row r has coefficients coef + r·ldc, mask words words + r·chunks and alpha[r] (1 when
+// alpha is null); B is width floats wide (a multiple of 8), OUT row r is out + r·ldo.
+// Columns of B in slices of 32 outside, rows in pairs inside: a 32-wide slice of B
+// (25 KB at N = 200) stays in L1 for all rows, where whole rows of B would stream from L2.
+void sparse_rows(const float* coef, int64_t ldc, const uint64_t* words, int64_t chunks, int64_t omega,
+                 const float* b, int64_t ldb, int64_t width, const float* alpha, int64_t rows, float* out,
+                 int64_t ldo) {
+  for (int64_t col = 0; col < width; col += 32) {
     const float* bc = b + col;
-    float* oc = out + col;
-    switch (min64(8, (width - col) / kLanes)) {
-      case 1: sparse_row_tile<1>(coef, words, chunks, omega, bc, ldb, oc, va); break;
-      case 2: sparse_row_tile<2>(coef, words, chunks, omega, bc, ldb, oc, va); break;
-      case 3: sparse_row_tile<3>(coef, words, chunks, omega, bc, ldb, oc, va); break;
-      case 4: sparse_row_tile<4>(coef, words, chunks, omega, bc, ldb, oc, va); break;
-      case 5: sparse_row_tile<5>(coef, words, chunks, omega, bc, ldb, oc, va); break;
-      case 6: sparse_row_tile<6>(coef, words, chunks, omega, bc, ldb, oc, va); break;
-      case 7: sparse_row_tile<7>(coef, words, chunks, omega, bc, ldb, oc, va); break;
-      default: sparse_row_tile<8>(coef, words, chunks, omega, bc, ldb, oc, va); break;
+    const int64_t nv = min64(4, (width - col) / kLanes);
+    for (int64_t r = 0; r < rows; r += 2) {
+      const int64_t r1 = r + 1 < rows ? r + 1 : r;
+      const float* c0 = coef + r * ldc;
+      const float* c1 = coef + r1 * ldc;
+      const uint64_t* w0 = words + r * chunks;
+      const uint64_t* w1 = words + r1 * chunks;
+      float* o0 = out + r * ldo + col;
+      float* o1 = out + r1 * ldo + col;
+      const __m256 a0 = _mm256_set1_ps(alpha ? alpha[r] : 1.0f), a1 = _mm256_set1_ps(alpha ? alpha[r1] : 1.0f);
+      switch (nv) {
+        case 1: sparse_pair_tile<1>(c0, c1, w0, w1, chunks, omega, bc, ldb, o0, o1, a0, a1); break;
+        case 2: sparse_pair_tile<2>(c0, c1, w0, w1, chunks, omega, bc, ldb, o0, o1, a0, a1); break;
+        case 3: sparse_pair_tile<3>(c0, c1, w0, w1, chunks, omega, bc, ldb, o0, o1, a0, a1); break;
+        default: sparse_pair_tile<4>(c0, c1, w0, w1, chunks, omega, bc, ldb, o0, o1, a0, a1); break;
+      }
     }
   }
+}
+
+// Copies rows × width floats from a buffer with row stride lds to one with row stride ldd.
+void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t width, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, sizeof(float) * width);
 }
 
 // ---------------------------------------------------------------- geometry, memory
@@ -213,9 +237,20 @@ struct Geometry {
       : n(p.seqlen), d(p.head_dim), dv(p.value_dim), omega(p.block_size),
         chunks((p.seqlen + p.block_size - 1) / p.block_size),
         last(p.seqlen - ((p.seqlen + p.block_size - 1) / p.block_size - 1) * p.block_size),
-        ld(round_up8(p.seqlen)), dp(round_up8(p.head_dim)), dvp(round_up8(p.value_dim)) {}
+        ld(round_up8(p.seqlen)), dp(round_up8(p.head_dim)), dvp(round_up8(p.value_dim)) {
+    for (int pc = 0; pc <= 64; ++pc) {
+      similarity_full[pc] = 1.0f - static_cast<float>(pc) / static_cast<float>(omega);
+      similarity_last[pc] = 1.0f - static_cast<float>(pc) / static_cast<float>(last);
+    }
+  }
+  // H = 1 − popcount / |chunk| for each popcount, as the portable path computes it
+  // (SPEC §3.6), so the fusion loop does no division.
+  float similarity_full[65], similarity_last[65];
   int64_t begin(int64_t c) const { return c * omega; }
   int64_t size(int64_t c) const { return c == chunks - 1 ? last : omega; }
+  float similarity(int64_t c, int popcount) const {
+    return c == chunks - 1 ? similarity_last[popcount] : similarity_full[popcount];
+  }
   int64_t square() const { return ld * ld + kLanes; }  // + slack: the score tiles read a vector past a row
 };
 
@@ -264,7 +299,7 @@ void gather(const float* base, const int64_t* stride, int64_t pair, int64_t head
 
 // Scratch of one thread. Members sized per call by reserve().
 struct Workspace {
-  Array<float> x, xt, v, vt, g, dx;            // X, Xᵀ, V, Vᵀ, dOut, dX (padded rows)
+  Array<float> x, xt, v, vt, g, dx, dv;        // X, Xᵀ, V, Vᵀ, dOut, dX, dV (padded rows)
   Array<float> logits, weights, grad, work;    // ld×ld squares
   Array<float> chunk, tile, small, out_row, column;
   Array<int32_t> keys;
@@ -313,13 +348,14 @@ inline int64_t count_at_least(const int32_t* keys, int64_t count, int32_t thresh
 }
 
 // Scores one upper block (SPEC §3.2: 3×3 conv of its logits, zero outside the block),
-// keeps its k best (§3.3) and returns the kept bits per row in `row_bits`.
+// keeps its k best (§3.3) and returns the kept bits per row in `row_bits` and per column
+// (the mirrored block's rows) in `col_bits`.
 //
 // Selection is a bisection on the order keys for the k-th largest, without sorting: the
 // kept set is every key above it plus, among keys equal to it, the first ones in
 // row-major order. It stops early once some threshold splits off exactly k entries.
 void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
-                  const float* kernel, int64_t k, Workspace& ws, uint64_t* row_bits) {
+                  const float* kernel, int64_t k, Workspace& ws, uint64_t* row_bits, uint64_t* col_bits) {
   const int64_t ts = round_up8(cols + 2) + kLanes;  // padded tile row: zero, cols values, zeros
   const int64_t sp = round_up8(cols);               // key row stride
   float* tile = ws.tile.data;
@@ -349,7 +385,11 @@ void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t ro
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), key);
     }
 
-  const int64_t count = rows * sp;
+  const int64_t rp = round_up8(rows);
+  for (int64_t i = rows; i < rp; ++i)
+    for (int64_t j = 0; j < sp; j += kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), padding);
+
+  const int64_t count = rp * sp;
   // Bisection in unsigned key space (u = key ^ 2^31): the largest u with ≥ k keys at or above it.
   uint32_t u = 0;
   int64_t at_least = count;
@@ -362,24 +402,29 @@ void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t ro
     }
   }
   const int32_t threshold = static_cast<int32_t>(u ^ 0x80000000u);
-  const __m256i t = _mm256_set1_epi32(threshold);
-  if (at_least == k) {  // exactly the keys ≥ threshold
-    const __m256i below = _mm256_set1_epi32(threshold - 1);  // threshold > INT_MIN: padding is never counted
-    for (int64_t i = 0; i < rows; ++i) {
+  if (at_least == k) {
+    // Exactly the keys ≥ threshold (> INT_MIN, so padding never counts). The mirror's
+    // bits come from the same test on the transposed keys.
+    const __m256i below = _mm256_set1_epi32(threshold - 1);
+    auto bits_of = [&](const int32_t* row, int64_t width) {
       uint64_t bits = 0;
-      for (int64_t j = 0; j < sp; j += kLanes) {
-        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + j));
-        bits |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, below))))
-                << j;
+      for (int64_t j = 0; j < width; j += kLanes) {
+        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+        bits |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, below)))) << j;
       }
-      row_bits[i] = bits;
-    }
+      return bits;
+    };
+    for (int64_t i = 0; i < rows; ++i) row_bits[i] = bits_of(keys + i * sp, sp);
+    int32_t* keys_t = keys + 64 * 64;
+    const float* kf = reinterpret_cast<const float*>(keys);
+    transpose(kf, sp, rp, sp, reinterpret_cast<float*>(keys_t), rp);
+    for (int64_t j = 0; j < cols; ++j) col_bits[j] = bits_of(keys_t + j * rp, rp);
     return;
   }
   // Ties at the k-th key: keys above it, then equal ones in row-major order.
   // #(key > threshold) = #(key ≥ threshold + 1); threshold < INT_MAX since it is a real key.
-  const int64_t above = count_at_least(keys, count, threshold + 1);
-  int64_t need = k - above;
+  const __m256i t = _mm256_set1_epi32(threshold);
+  int64_t need = k - count_at_least(keys, count, threshold + 1);
   for (int64_t i = 0; i < rows; ++i) {
     uint64_t greater = 0, equal = 0;
     for (int64_t j = 0; j < sp; j += kLanes) {
@@ -393,6 +438,9 @@ void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t ro
     }
     row_bits[i] = greater;
   }
+  for (int64_t j = 0; j < cols; ++j) col_bits[j] = 0;
+  for (int64_t i = 0; i < rows; ++i)
+    for (uint64_t b = row_bits[i]; b; b &= b - 1) col_bits[__builtin_ctzll(b)] |= uint64_t{1} << i;
 }
 
 // SPEC §3.3 for one pair: diagonal blocks full, upper blocks selected, mirrored below.
@@ -402,7 +450,7 @@ void compute_mask_words(const Geometry& g, const float* logits, const float* ker
   std::memset(words, 0, sizeof(uint64_t) * g.n * C);
   for (int64_t m = 0; m < C; ++m)
     for (int64_t i = g.begin(m); i < g.begin(m) + g.size(m); ++i) words[i * C + m] = low_bits(g.size(m));
-  uint64_t row_bits[64];
+  uint64_t row_bits[64], col_bits[64];
   for (int64_t m = 0; m + 1 < C; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     for (int64_t bn = m + 1; bn < C; ++bn) {
@@ -411,13 +459,12 @@ void compute_mask_words(const Geometry& g, const float* logits, const float* ker
       if (k <= 0) continue;
       if (k >= rows * cols) {
         for (int64_t i = 0; i < rows; ++i) row_bits[i] = low_bits(cols);
+        for (int64_t j = 0; j < cols; ++j) col_bits[j] = low_bits(rows);
       } else {
-        select_block(g, logits, r0, rows, c0, cols, kernel, k, ws, row_bits);
+        select_block(g, logits, r0, rows, c0, cols, kernel, k, ws, row_bits, col_bits);
       }
-      for (int64_t i = 0; i < rows; ++i) {
-        words[(r0 + i) * C + bn] = row_bits[i];
-        for (uint64_t b = row_bits[i]; b; b &= b - 1) words[(c0 + __builtin_ctzll(b)) * C + m] |= uint64_t{1} << i;
-      }
+      for (int64_t i = 0; i < rows; ++i) words[(r0 + i) * C + bn] = row_bits[i];
+      for (int64_t j = 0; j < cols; ++j) words[(c0 + j) * C + m] = col_bits[j];
     }
   }
 }
@@ -455,8 +502,10 @@ void compute_match(const Geometry& g, const float* x, Workspace& ws, int32_t* ma
 
 // ---------------------------------------------------------------- probabilities
 
-// Row i of P = exp(L − lse_i) over the N real columns, 0 in the padding; returns lse_i.
-float softmax_row(const Geometry& g, float* row) {
+// Row i of P up to its normaliser: exp(L − max) over the N real columns, 0 in the
+// padding, written in place. Returns lse_i; *inv_sum = 1 / Σ_j exp(L − max), the factor
+// that turns the row into P (applied later, when the row is read anyway).
+float softmax_row(const Geometry& g, float* row, float* inv_sum) {
   const int64_t full = g.n / kLanes * kLanes;
   const __m256 tail = lane_mask(g.n - full);
   const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
@@ -471,14 +520,13 @@ float softmax_row(const Geometry& g, float* row) {
     _mm256_storeu_ps(row + j, e);
     sum = _mm256_add_ps(sum, e);
   }
-  if (full < g.n) {
+  if (full < g.ld) {
     const __m256 e = _mm256_and_ps(tail, exp256(_mm256_sub_ps(_mm256_loadu_ps(row + full), vmax)));
     _mm256_storeu_ps(row + full, e);
     sum = _mm256_add_ps(sum, e);
   }
   const float total = hsum(sum);
-  const __m256 inv = _mm256_set1_ps(1.0f / total);
-  for (int64_t j = 0; j < g.ld; j += kLanes) _mm256_storeu_ps(row + j, _mm256_mul_ps(inv, _mm256_loadu_ps(row + j)));
+  *inv_sum = 1.0f / total;
   return row_max + __builtin_logf(total);
 }
 
@@ -521,39 +569,47 @@ inline void for_each_fused_entry(const Geometry& g, int64_t i, const uint64_t* w
     const uint64_t wi = words[i * C + c], wp = words[p * C + c];
     uint64_t moved = ~wi & wp & low_bits(g.size(c));
     if (!moved) continue;
-    const float similarity =
-        1.0f - static_cast<float>(__builtin_popcountll(wi ^ wp)) / static_cast<float>(g.size(c));
+    const float similarity = g.similarity(c, __builtin_popcountll(wi ^ wp));
     for (; moved; moved &= moved - 1) fn(g.begin(c) + __builtin_ctzll(moved), similarity);
   }
 }
 
 // Rows of chunk m of R = P ⊙ M + F (SPEC §3.8) into `weights` (row r = token begin(m) + r)
-// and their sums Z into row_sum[r]; `bitmap` is scratch of ld / 64 + 1 words. Fusion stays inside the chunk (b(i) is in it).
-void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint64_t* words, const int32_t* match,
-                   const float* rho, bool fuse, uint64_t* bitmap, float* weights, float* row_sum) {
+// and their sums Z into row_sum[r]. P row i is probs row i times row_scale[i − begin(m)]
+// (all 1 when row_scale is null). Fusion stays inside the chunk (b(i) is in it).
+// `bitmap` is scratch of ld / 64 + 1 words.
+void chunk_weights(const Geometry& g, int64_t m, const float* probs, const float* row_scale, const uint64_t* words,
+                   const int32_t* match, const float* rho, bool fuse, uint64_t* bitmap, float* weights,
+                   float* row_sum) {
   const int64_t r0 = g.begin(m), rows = g.size(m);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
     row_bitmap(g, words + i * g.chunks, bitmap);
     const float* p = probs + i * g.ld;
     float* w = weights + r * g.ld;
-    for (int64_t j = 0; j < g.ld; j += kLanes)
-      _mm256_storeu_ps(w + j, _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), _mm256_loadu_ps(p + j)));
-  }
-  if (fuse)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = r0 + r;
-      float* target = weights + (match[i] - r0) * g.ld;
-      const float* source = probs + i * g.ld;
-      const float share = rho[i];
-      for_each_fused_entry(g, i, words, match, rho,
-                           [&](int64_t j, float similarity) { target[j] += share * similarity * source[j]; });
+    const __m256 scale = _mm256_set1_ps(row_scale ? row_scale[r] : 1.0f);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < g.ld; j += kLanes) {
+      const __m256 kept = _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), _mm256_loadu_ps(p + j));
+      const __m256 value = _mm256_mul_ps(scale, kept);
+      _mm256_storeu_ps(w + j, value);
+      sum = _mm256_add_ps(sum, value);
     }
+    row_sum[r] = hsum(sum);
+  }
+  if (!fuse) return;
   for (int64_t r = 0; r < rows; ++r) {
-    const float* w = weights + r * g.ld;
-    __m256 s = _mm256_setzero_ps();
-    for (int64_t j = 0; j < g.ld; j += kLanes) s = _mm256_add_ps(s, _mm256_loadu_ps(w + j));
-    row_sum[r] = hsum(s);
+    const int64_t i = r0 + r, target_row = match[i] - r0;
+    float* target = weights + target_row * g.ld;
+    const float* source = probs + i * g.ld;
+    const float share = rho[i] * (row_scale ? row_scale[r] : 1.0f);
+    float added = 0.0f;
+    for_each_fused_entry(g, i, words, match, rho, [&](int64_t j, float similarity) {
+      const float moved = share * similarity * source[j];
+      target[j] += moved;
+      added += moved;
+    });
+    row_sum[target_row] += added;
   }
 }
 
@@ -562,8 +618,8 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint6
 bool reserve_forward(const Geometry& g, Workspace& ws) {
   return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
          ws.logits.reserve(g.square()) && ws.chunk.reserve(g.omega * g.ld) &&
-         ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(64 * 64) &&
-         ws.small.reserve(64 + 64 * 64) && ws.out_row.reserve(g.dvp) && ws.bitmap.reserve(g.ld / 64 + 1);
+         ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(2 * 64 * 64) &&
+         ws.small.reserve(64 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(g.ld / 64 + 1);
 }
 
 // X gathered, Xᵀ, and L (the shared first steps of every entry point).
@@ -574,8 +630,6 @@ void load_logits(const Geometry& g, const float* qk, const int64_t* stride, int6
   compute_logits(g, ws.x.data, ws.xt.data, scale, ws.logits.data);
 }
 
-// Writes a dense row of `padded` floats as `width` floats.
-inline void store_row(const float* src, int64_t width, float* dst) { std::memcpy(dst, src, sizeof(float) * width); }
 
 }  // namespace
 
@@ -613,17 +667,17 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
 
   // One chunk of rows at a time while its logits are in cache: softmax, weights with
   // fusion, and A·V over the kept entries only.
-  float* o = ws.out_row.data;
+  float* inv_z = ws.column.data;
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
-    for (int64_t i = r0; i < r0 + rows; ++i) lse[i] = softmax_row(g, ws.logits.data + i * g.ld);
-    chunk_weights(g, m, ws.logits.data, words, match, rho, fp.p.fuse, ws.bitmap.data, ws.chunk.data, row_sum + r0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = r0 + r;
-      sparse_row(ws.chunk.data + r * g.ld, words + i * g.chunks, g.chunks, g.omega, ws.v.data, g.dvp, g.dvp, o,
-                 1.0f / row_sum[i]);
-      store_row(o, g.dv, out + i * g.dv);
-    }
+    float inv_sum[64];
+    for (int64_t r = 0; r < rows; ++r) lse[r0 + r] = softmax_row(g, ws.logits.data + (r0 + r) * g.ld, &inv_sum[r]);
+    chunk_weights(g, m, ws.logits.data, inv_sum, words, match, rho, fp.p.fuse, ws.bitmap.data, ws.chunk.data,
+                  row_sum + r0);
+    for (int64_t i = r0; i < r0 + rows; ++i) inv_z[i] = 1.0f / row_sum[i];
+    sparse_rows(ws.chunk.data, g.ld, words + r0 * g.chunks, g.chunks, g.omega, ws.v.data, g.dvp, g.dvp, inv_z + r0,
+                rows, ws.out_row.data, g.dvp);
+    copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
   }
   return true;
 }
@@ -633,7 +687,7 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   const Geometry g(bp.p);
   const int64_t N = g.n, ld = g.ld, C = g.chunks;
   if (!reserve_forward(g, ws) || !ws.vt.reserve(g.dvp * ld) || !ws.g.reserve(ld * g.dvp) ||
-      !ws.dx.reserve(ld * g.dp) || !ws.weights.reserve(g.square()) || !ws.grad.reserve(g.square()) ||
+      !ws.dx.reserve(ld * g.dp) || !ws.dv.reserve(ld * g.dvp) || !ws.weights.reserve(g.square()) || !ws.grad.reserve(g.square()) ||
       !ws.work.reserve(g.square()) || !ws.column.reserve(ld))
     return false;
   const uint64_t* words = bp.saved.mask_words + pair * N * C;
@@ -662,7 +716,8 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   // A = R / Z, with R rebuilt from P and the saved choices (the forward's own code).
   float recomputed_z[64];  // the saved Z is used instead, as in the portable path
   for (int64_t m = 0; m < C; ++m)
-    chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, ws.bitmap.data, weights + g.begin(m) * ld, recomputed_z);
+    chunk_weights(g, m, probs, nullptr, words, match, rho, bp.p.fuse, ws.bitmap.data, weights + g.begin(m) * ld,
+                  recomputed_z);
   std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
   for (int64_t i = 0; i < N; ++i) {
     const __m256 inv = _mm256_set1_ps(1.0f / row_sum[i]);
@@ -692,11 +747,8 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   // dV_j = Σ_i A(i, j) G_i over kept (i, j); M is symmetric, so row j's kept columns are
   // exactly the i with (i, j) kept, and Aᵀ makes the coefficients contiguous.
   transpose(weights, ld, ld, ld, work, ld);
-  float* o = ws.out_row.data;
-  for (int64_t j = 0; j < N; ++j) {
-    sparse_row(work + j * ld, words + j * C, C, g.omega, ws.g.data, g.dvp, g.dvp, o, 1.0f);
-    store_row(o, g.dv, grad_v + j * g.dv);
-  }
+  sparse_rows(work, ld, words, C, g.omega, ws.g.data, g.dvp, g.dvp, nullptr, N, ws.dv.data, g.dvp);
+  copy_rows(ws.dv.data, g.dvp, N, g.dv, grad_v, g.dv);
 
   // dP = M ⊙ dR plus, on pruned (i, j), ρ_i · H · dR(b(i), j); and dρ_i (SPEC §4).
   // In place: the writes go to pruned entries, the reads to kept ones.
@@ -763,7 +815,7 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
       }
     }
   }
-  for (int64_t i = 0; i < N; ++i) store_row(dx + i * g.dp, g.d, grad_qk + i * g.d);
+  copy_rows(dx, g.dp, N, g.d, grad_qk, g.d);
   return true;
 }
 
