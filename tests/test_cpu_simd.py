@@ -1,0 +1,401 @@
+"""The AVX2+FMA CPU path against the reference and against the portable path, each
+forced through BSPF_CPU_CAPABILITY (SPEC §6: float32 to 1e-5 with the near-tie rule).
+
+The AVX2 path vectorises dot products and sums, so its float32 scores can round
+differently from the portable path's: a mask may then differ at a near-tie of a block's
+k-th score, and each path is compared with the float64 reference computed with its own
+mask and match. On exactly representable inputs both paths must agree bit for bit on
+the mask, ties included.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bspf_ext
+from bspf_ext import reference
+from bspf_ext._ops import unpack_mask_words
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return False
+    return {"avx2", "fma"} <= flags
+
+
+HAS_AVX2 = _cpu_has_avx2()
+needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2+FMA")
+
+NEAR_TIE = 1e-4  # relative window around a block's k-th float64 score (float32 rounding is ~1e-7)
+RTOL = 1e-5
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    """capability("avx2") forces a path for the calls that follow."""
+
+    def force(name: str) -> None:
+        monkeypatch.setenv("BSPF_CPU_CAPABILITY", name)
+
+    return force
+
+
+def _inputs(b, h, n, d, dv=None, *, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    qk = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, h, n, dv or d, generator=gen, dtype=torch.float64).to(dtype)
+    return qk, v
+
+
+def _forward(qk, v, *, block_size, keep_ratio, fuse=True, scale=None, kernel=None):
+    """The op's outputs: (out, mask (B,H,N,N) bool, match int64, saved buffers)."""
+    scale = qk.shape[-1] ** -0.5 if scale is None else scale
+    kernel = reference.box_kernel(qk.dtype) if kernel is None else kernel
+    out, words, match, rho, lse, row_sum = torch.ops.bspf_ext.forward(
+        qk, v, kernel, block_size, keep_ratio, fuse, scale
+    )
+    mask = unpack_mask_words(words, qk.shape[-2], block_size)
+    return out, mask, match.long(), (words, match, rho, lse, row_sum)
+
+
+def _block_scores64(qk, block_size, scale=None, kernel=None):
+    """S_mn for every block (SPEC §3.2) in float64, laid out as (B, H, N, N)."""
+    qk = qk.double()
+    n = qk.shape[-2]
+    scale = qk.shape[-1] ** -0.5 if scale is None else scale
+    kernel = reference.box_kernel(torch.float64) if kernel is None else kernel.double()
+    chunks = -(-n // block_size)
+    padded = chunks * block_size
+    logits = F.pad(scale * qk @ qk.transpose(-1, -2), (0, padded - n, 0, padded - n))
+    batch = logits.shape[:-2]
+    blocks = logits.reshape(-1, chunks, block_size, chunks, block_size).transpose(2, 3)
+    scores = F.conv2d(blocks.reshape(-1, 1, block_size, block_size), kernel.reshape(1, 1, 3, 3), padding=1)
+    scores = scores.reshape(-1, chunks, chunks, block_size, block_size).transpose(2, 3)
+    return scores.reshape(*batch, padded, padded)[..., :n, :n]
+
+
+def _assert_mask_near_float64(mask, qk, *, block_size, keep_ratio, scale=None, kernel=None):
+    """SPEC §6 (a): equal to the float64 mask except near a block's k-th score."""
+    kernel64 = None if kernel is None else kernel.double()
+    mask64 = reference.block_mask(qk.double(), kernel64, block_size=block_size, keep_ratio=keep_ratio, scale=scale)
+    differ = mask != mask64
+    if not differ.any():
+        return
+    scores = _block_scores64(qk, block_size, scale, kernel)
+    n = qk.shape[-2]
+    for bi, hi, i, j in differ.nonzero().tolist():
+        if i // block_size > j // block_size:  # judge the upper block
+            i, j = j, i
+        rows = slice(i // block_size * block_size, min(i // block_size * block_size + block_size, n))
+        cols = slice(j // block_size * block_size, min(j // block_size * block_size + block_size, n))
+        assert rows != cols, "diagonal blocks must be full"
+        block = scores[bi, hi, rows, cols]
+        kth = block[mask64[bi, hi, rows, cols]].min()
+        window = NEAR_TIE * max(block.abs().max().item(), 1e-30)
+        assert abs(scores[bi, hi, i, j] - kth) <= window, f"mask differs at ({bi}, {hi}, {i}, {j}), not a near-tie"
+
+
+def _assert_match_near_float64(match, qk, *, block_size):
+    qk64 = qk.double()
+    expected = reference.best_match(qk64, block_size=block_size)
+    for bi, hi, i in (match != expected).nonzero().tolist():
+        x = qk64[bi, hi]
+
+        def cos(a, c):
+            return (x[a] @ x[c] / (x[a].norm() * x[c].norm()).clamp_min(1e-8)).item()
+
+        assert abs(cos(i, match[bi, hi, i]) - cos(i, expected[bi, hi, i])) <= NEAR_TIE
+
+
+def _reference_with(qk, v, mask, match, *, block_size, keep_ratio, fuse=True, scale=None, kernel=None):
+    kernel64 = None if kernel is None else kernel.double()
+    return reference.block_symmetric_attention(
+        qk.double(), v.double(), kernel64, block_size=block_size, keep_ratio=keep_ratio, fuse=fuse, scale=scale,
+        mask=mask, match=match,
+    )
+
+
+def _check_path(qk, v, *, block_size, keep_ratio, fuse=True, scale=None, kernel=None):
+    """The current path's forward against the reference per SPEC §6; returns its outputs."""
+    out, mask, match, saved = _forward(qk, v, block_size=block_size, keep_ratio=keep_ratio, fuse=fuse, scale=scale,
+                                       kernel=kernel)
+    _assert_mask_near_float64(mask, qk, block_size=block_size, keep_ratio=keep_ratio, scale=scale, kernel=kernel)
+    _assert_match_near_float64(match, qk, block_size=block_size)
+    expected = _reference_with(qk, v, mask, match, block_size=block_size, keep_ratio=keep_ratio, fuse=fuse,
+                               scale=scale, kernel=kernel)
+    torch.testing.assert_close(out.double(), expected, rtol=RTOL, atol=RTOL)
+    return out, mask, match, saved
+
+
+# ------------------------------------------------------------------------ dispatch
+
+
+def test_capability_reports_and_forces_the_path(capability):
+    capability("scalar")
+    assert bspf_ext.cpu_capability() == "scalar"
+    if HAS_AVX2:
+        capability("avx2")
+        assert bspf_ext.cpu_capability() == "avx2"
+    os.environ.pop("BSPF_CPU_CAPABILITY")
+    assert bspf_ext.cpu_capability() == ("avx2" if HAS_AVX2 else "scalar")
+
+
+def test_invalid_capability_is_a_clear_error(capability):
+    qk, v = _inputs(1, 1, 8, 4)
+    capability("avx512")
+    with pytest.raises(ValueError, match="BSPF_CPU_CAPABILITY must be 'scalar' or 'avx2'"):
+        bspf_ext.block_symmetric_attention(qk, v, block_size=4)
+    with pytest.raises(ValueError, match="BSPF_CPU_CAPABILITY"):
+        bspf_ext.block_symmetric_attention(qk.double(), v.double(), block_size=4)
+
+
+@pytest.mark.skipif(HAS_AVX2, reason="needs a CPU without AVX2")
+def test_forcing_avx2_without_avx2_is_a_clear_error(capability):
+    qk, v = _inputs(1, 1, 8, 4)
+    capability("avx2")
+    with pytest.raises(RuntimeError, match="does not support AVX2"):
+        bspf_ext.block_symmetric_attention(qk, v, block_size=4)
+
+
+# ------------------------------------------------------------------------- forward
+
+# (B, H, N, D, Dv): ragged tails, D and Dv not multiples of 8, Dv wider than one
+# 32-column slice, N wider than 64 columns of bitmap words.
+SHAPES = [
+    (2, 3, 197, 64, 64),
+    (1, 2, 37, 13, 11),
+    (1, 1, 1, 5, 3),
+    (1, 2, 5, 3, 7),
+    (1, 1, 130, 20, 72),
+    (1, 1, 300, 9, 40),
+]
+
+
+@needs_avx2
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("block_size", [1, 7, 16, 64])
+@pytest.mark.parametrize("path", ["avx2", "scalar"])
+def test_forward_matches_reference(capability, path, shape, block_size):
+    capability(path)
+    qk, v = _inputs(*shape, seed=block_size)
+    _check_path(qk, v, block_size=block_size, keep_ratio=0.5)
+
+
+@needs_avx2
+@pytest.mark.parametrize("block_size", range(1, 65))
+def test_every_block_size(capability, block_size):
+    capability("avx2")
+    qk, v = _inputs(1, 2, 67, 12, 10, seed=block_size)
+    _check_path(qk, v, block_size=block_size, keep_ratio=0.37)
+
+
+@needs_avx2
+@pytest.mark.parametrize("keep_ratio", [0.0, 1.0])
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+def test_keep_ratio_limits(capability, keep_ratio, block_size):
+    """keep_ratio 1 is dense attention and 0 is chunk attention (SPEC §1)."""
+    capability("avx2")
+    qk, v = _inputs(2, 2, 45, 12, 9, seed=3)
+    out, mask, *_ = _check_path(qk, v, block_size=block_size, keep_ratio=keep_ratio)
+    chunk = torch.arange(45) // block_size
+    assert torch.equal(mask[0, 0], torch.ones(45, 45, dtype=torch.bool) if keep_ratio else chunk[:, None] == chunk)
+    if keep_ratio == 1.0:
+        dense = F.scaled_dot_product_attention(qk.double(), qk.double(), v.double())
+        torch.testing.assert_close(out.double(), dense, rtol=RTOL, atol=RTOL)
+
+
+@needs_avx2
+@pytest.mark.parametrize("fuse", [True, False])
+def test_options_scale_kernel_and_strides(capability, fuse):
+    """fuse=False, a non-default scale (negative too), a non-box kernel, strided inputs."""
+    capability("avx2")
+    base, v = _inputs(2, 21, 3, 40, seed=5)  # (B, N, H, D) then viewed as (B, H, N, D)
+    qk = base.transpose(1, 2)
+    v = v[..., :24].transpose(1, 2)
+    assert not qk.is_contiguous() and not v.is_contiguous()
+    kernel = torch.softmax(torch.randn(9, generator=torch.Generator().manual_seed(1), dtype=torch.float64), 0)
+    kernel = ((kernel.reshape(3, 3) + kernel.reshape(3, 3).T) / 2).float()
+    for scale in (0.3, -0.2):
+        _check_path(qk, v, block_size=6, keep_ratio=0.6, fuse=fuse, scale=scale, kernel=kernel)
+
+
+@needs_avx2
+@pytest.mark.parametrize("block_size", [3, 8, 16])
+def test_exact_scores_give_identical_masks_ties_included(capability, block_size):
+    """With integer inputs and a power-of-two kernel every score is exact in float32, so
+    the two paths must choose the same entries, including among exactly tied scores
+    (the smaller row-major index wins), and the same matches."""
+    gen = torch.Generator().manual_seed(block_size)
+    qk = torch.randint(-2, 3, (2, 2, 53, 8), generator=gen).float()
+    qk[0, 1] = 1.0  # every score of a block tied, apart from the border effect of the padding
+    v = torch.randn(2, 2, 53, 8, generator=gen)
+    kernel = torch.full((3, 3), 0.125)
+    results = {}
+    for path in ("avx2", "scalar"):
+        capability(path)
+        results[path] = _forward(qk, v, block_size=block_size, keep_ratio=0.4, scale=1.0, kernel=kernel)
+    assert torch.equal(results["avx2"][1], results["scalar"][1])
+    assert torch.equal(results["avx2"][2], results["scalar"][2])
+    mask64 = reference.block_mask(qk.double(), kernel.double(), block_size=block_size, keep_ratio=0.4, scale=1.0)
+    assert torch.equal(results["avx2"][1], mask64)
+    torch.testing.assert_close(results["avx2"][0], results["scalar"][0], rtol=RTOL, atol=RTOL)
+
+
+@needs_avx2
+def test_block_mask_is_the_forward_mask(capability):
+    capability("avx2")
+    qk, v = _inputs(2, 3, 90, 16, seed=7)
+    _, mask, *_ = _forward(qk, v, block_size=8, keep_ratio=0.45)
+    assert torch.equal(bspf_ext.block_mask(qk, block_size=8, keep_ratio=0.45), mask)
+
+
+@needs_avx2
+def test_paths_agree(capability):
+    """Where the two paths choose the same mask and matches, outputs agree to float32 rounding."""
+    qk, v = _inputs(4, 6, 197, 64, seed=11)
+    capability("avx2")
+    out_a, mask_a, match_a, _ = _forward(qk, v, block_size=16, keep_ratio=0.5)
+    capability("scalar")
+    out_s, mask_s, match_s, _ = _forward(qk, v, block_size=16, keep_ratio=0.5)
+    same = (mask_a == mask_s).flatten(-2).all(-1) & (match_a == match_s).all(-1)  # per (b, h)
+    assert same.float().mean() > 0.9
+    torch.testing.assert_close(out_a[same], out_s[same], rtol=RTOL, atol=RTOL)
+
+
+@needs_avx2
+def test_float64_keeps_the_portable_path(capability):
+    """float64 runs the portable kernels under either setting, bit for bit."""
+    qk, v = _inputs(1, 2, 40, 8, dtype=torch.float64)
+    outs = []
+    for path in ("avx2", "scalar"):
+        capability(path)
+        outs.append(bspf_ext.block_symmetric_attention(qk, v, block_size=8))
+    assert torch.equal(outs[0], outs[1])
+
+
+# ------------------------------------------------------------------------ backward
+
+
+def _grads(qk, v, saved, grad_out, *, block_size, fuse=True, scale=None):
+    scale = qk.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.bspf_ext.backward(grad_out, qk, v, *saved, block_size, fuse, scale)
+
+
+def _reference_grads(qk, v, mask, match, grad_out, *, block_size, keep_ratio, fuse=True):
+    qk64 = qk.double().requires_grad_()
+    v64 = v.double().requires_grad_()
+    out = reference.block_symmetric_attention(qk64, v64, block_size=block_size, keep_ratio=keep_ratio, fuse=fuse,
+                                              mask=mask, match=match)
+    out.backward(grad_out.double())
+    return qk64.grad, v64.grad
+
+
+def _assert_grads_close(actual, expected):
+    for a, e in zip(actual, expected):
+        # Relative to the gradient's scale: entries near zero are sums of cancelling terms.
+        torch.testing.assert_close(a.double(), e, rtol=RTOL, atol=RTOL * e.abs().max().item())
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    "shape, block_size, keep_ratio, fuse",
+    [
+        ((2, 3, 197, 64, 64), 16, 0.5, True),
+        ((1, 2, 37, 13, 11), 7, 0.3, True),
+        ((1, 1, 130, 20, 72), 64, 0.5, True),
+        ((1, 2, 70, 8, 8), 1, 0.5, True),
+        ((1, 2, 50, 12, 12), 5, 0.0, True),
+        ((1, 2, 50, 12, 12), 5, 1.0, True),
+        ((1, 2, 50, 12, 12), 8, 0.5, False),
+        ((1, 1, 1, 4, 4), 4, 0.5, True),
+    ],
+)
+def test_backward_matches_reference_autograd(capability, shape, block_size, keep_ratio, fuse):
+    capability("avx2")
+    qk, v = _inputs(*shape, seed=2)
+    grad_out = torch.randn(*shape[:3], shape[4], generator=torch.Generator().manual_seed(9))
+    _, mask, match, saved = _forward(qk, v, block_size=block_size, keep_ratio=keep_ratio, fuse=fuse)
+    grads = _grads(qk, v, saved, grad_out, block_size=block_size, fuse=fuse)
+    expected = _reference_grads(qk, v, mask, match, grad_out, block_size=block_size, keep_ratio=keep_ratio, fuse=fuse)
+    _assert_grads_close(grads, expected)
+
+
+@needs_avx2
+def test_backward_through_autograd_with_strided_grad(capability):
+    capability("avx2")
+    qk, v = _inputs(2, 2, 33, 10, 6, seed=4)
+    qk.requires_grad_()
+    v.requires_grad_()
+    out = bspf_ext.block_symmetric_attention(qk, v, block_size=4, keep_ratio=0.5)
+    grad_out = torch.randn(2, 2, 6, 33).transpose(-1, -2)  # not contiguous
+    out.backward(grad_out)
+    _, mask, match, _ = _forward(qk.detach(), v.detach(), block_size=4, keep_ratio=0.5)
+    expected = _reference_grads(qk.detach(), v.detach(), mask, match, grad_out, block_size=4, keep_ratio=0.5)
+    _assert_grads_close((qk.grad, v.grad), expected)
+
+
+@needs_avx2
+@pytest.mark.parametrize("forward_path, backward_path", [("avx2", "scalar"), ("scalar", "avx2")])
+def test_saved_buffers_are_interchangeable(capability, forward_path, backward_path):
+    """One path's saved choices and statistics drive the other path's backward."""
+    qk, v = _inputs(2, 3, 83, 24, 16, seed=8)
+    grad_out = torch.randn(2, 3, 83, 16, generator=torch.Generator().manual_seed(1))
+    capability(forward_path)
+    _, mask, match, saved = _forward(qk, v, block_size=8, keep_ratio=0.5)
+    grads = {}
+    for path in (forward_path, backward_path):
+        capability(path)
+        grads[path] = _grads(qk, v, saved, grad_out, block_size=8)
+    expected = _reference_grads(qk, v, mask, match, grad_out, block_size=8, keep_ratio=0.5)
+    _assert_grads_close(grads[backward_path], expected)
+    _assert_grads_close(grads[backward_path], [g.double() for g in grads[forward_path]])
+
+
+# --------------------------------------------------------------------- determinism
+
+
+@needs_avx2
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_repeated_calls_are_bitwise_identical(capability, threads):
+    capability("avx2")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        qk, v = _inputs(3, 3, 61, 16, seed=6)
+        grad_out = torch.randn(3, 3, 61, 16)
+        runs = []
+        for _ in range(3):
+            q = qk.clone().requires_grad_()
+            w = v.clone().requires_grad_()
+            out = bspf_ext.block_symmetric_attention(q, w, block_size=8, keep_ratio=0.5)
+            out.backward(grad_out)
+            runs.append((out.detach(), q.grad, w.grad))
+        for run in runs[1:]:
+            for a, b in zip(runs[0], run):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_avx2
+def test_thread_count_does_not_change_results(capability):
+    capability("avx2")
+    qk, v = _inputs(2, 3, 40, 8, seed=12)
+    previous = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(bspf_ext.block_symmetric_attention(qk, v, block_size=8))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outs[0], outs[1])
+
