@@ -1,0 +1,164 @@
+"""CPU performance regression gate: a quick, noise-robust check for CI.
+
+At the target shape (DeiT-S attention, (8, 6, 197, 64), block_size 16, float32) it
+times dense SDPA and bspf_ext forward, and forward+backward, interleaved within every
+round, and takes the median of the per-round ratios bspf / dense, so load from other
+jobs on a shared machine slows both sides alike. The reference forward is timed for a
+few rounds too (speed-up of bspf over it).
+
+A ratio fails only when it is a real regression: above its stored baseline times the
+tolerance AND above the issue's hard target (forward 1.5x, forward+backward 2.0x dense;
+at least 20x faster than the reference). Exit status 1 on failure.
+
+    python benchmarks/gate.py                 # check against benchmarks/baselines/cpu.json
+    python benchmarks/gate.py --update        # measure and rewrite the baselines
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import (  # noqa: E402
+    TARGET_BLOCK_SIZE,
+    TARGET_RATIO,
+    TARGET_SHAPE,
+    TARGET_SPEEDUP_OVER_REFERENCE,
+    interleaved_medians,
+    make_inputs,
+    workload,
+)
+
+import bspf_ext  # noqa: E402
+
+BASELINES = Path(__file__).resolve().parent / "baselines" / "cpu.json"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(rounds: int, reference_rounds: int) -> dict:
+    inputs = make_inputs(TARGET_SHAPE)
+    results = {}
+    for mode, calls in (("forward", 5), ("forward_backward", 2)):
+        timed = interleaved_medians(
+            {
+                "sdpa": workload("sdpa", mode, inputs),
+                "bspf": workload("bspf", mode, inputs, TARGET_BLOCK_SIZE),
+            },
+            rounds=rounds,
+            calls=calls,
+        )
+        results[mode] = {
+            "sdpa_ms": timed["median_s"]["sdpa"] * 1e3,
+            "bspf_ms": timed["median_s"]["bspf"] * 1e3,
+            "ratio": timed["ratio_to_sdpa"]["bspf"],
+        }
+    timed = interleaved_medians(
+        {
+            "bspf": workload("bspf", "forward", inputs, TARGET_BLOCK_SIZE),
+            "reference": workload("reference", "forward", inputs, TARGET_BLOCK_SIZE),
+        },
+        rounds=reference_rounds,
+        calls=1,
+    )
+    results["reference"] = {
+        "reference_ms": timed["median_s"]["reference"] * 1e3,
+        "bspf_ms": timed["median_s"]["bspf"] * 1e3,
+        "speedup": timed["ratio_to_bspf"]["reference"],
+    }
+    return results
+
+
+def check(results: dict, baselines: dict, tolerance: float) -> list[str]:
+    """The failures: each a line saying what regressed and by how much."""
+    failures = []
+    for mode in ("forward", "forward_backward"):
+        ratio, base = results[mode]["ratio"], baselines[mode]["ratio"]
+        if ratio > base * tolerance and ratio > TARGET_RATIO[mode]:
+            failures.append(
+                f"{mode}: bspf/sdpa = {ratio:.2f}, above baseline {base:.2f} x {tolerance} "
+                f"and above the target {TARGET_RATIO[mode]}"
+            )
+    speedup, base = results["reference"]["speedup"], baselines["reference"]["speedup"]
+    if speedup < base / tolerance and speedup < TARGET_SPEEDUP_OVER_REFERENCE:
+        failures.append(
+            f"reference/bspf = {speedup:.1f}x, below baseline {base:.1f}x / {tolerance} "
+            f"and below the target {TARGET_SPEEDUP_OVER_REFERENCE:.0f}x"
+        )
+    return failures
+
+
+def print_table(results: dict, baselines: dict | None) -> None:
+    shape = "x".join(map(str, TARGET_SHAPE))
+    print(f"bspf_ext CPU gate: {shape}, block_size {TARGET_BLOCK_SIZE}, float32, {torch.get_num_threads()} threads, "
+          f"path {bspf_ext.cpu_capability()}, {cpu_model()}, load {os.getloadavg()[0]:.2f}")
+    print(f"{'check':<24} {'bspf ms':>9} {'other ms':>9} {'measured':>9} {'baseline':>9} {'target':>8}")
+    for mode in ("forward", "forward_backward"):
+        r = results[mode]
+        base = f"{baselines[mode]['ratio']:.2f}" if baselines else "-"
+        print(f"{mode + ' / sdpa':<24} {r['bspf_ms']:>9.2f} {r['sdpa_ms']:>9.2f} {r['ratio']:>9.2f} {base:>9} "
+              f"{'<= ' + str(TARGET_RATIO[mode]):>8}")
+    r = results["reference"]
+    base = f"{baselines['reference']['speedup']:.1f}" if baselines else "-"
+    print(f"{'reference / bspf':<24} {r['bspf_ms']:>9.2f} {r['reference_ms']:>9.2f} {r['speedup']:>9.1f} {base:>9} "
+          f"{'>= ' + str(TARGET_SPEEDUP_OVER_REFERENCE):>8}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baselines", type=Path, default=BASELINES)
+    parser.add_argument("--update", action="store_true", help="write the measured ratios as the new baselines")
+    parser.add_argument("--tolerance", type=float, default=1.5, help="allowed factor over a baseline (default 1.5)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per ratio (default 15)")
+    parser.add_argument("--reference-rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    results = measure(args.rounds, args.reference_rounds)
+    if args.update:
+        record = {
+            "shape": list(TARGET_SHAPE),
+            "block_size": TARGET_BLOCK_SIZE,
+            "threads": torch.get_num_threads(),
+            "machine": cpu_model(),
+            "path": bspf_ext.cpu_capability(),
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "load_average": round(os.getloadavg()[0], 2),
+            "forward": {"ratio": round(results["forward"]["ratio"], 3)},
+            "forward_backward": {"ratio": round(results["forward_backward"]["ratio"], 3)},
+            "reference": {"speedup": round(results["reference"]["speedup"], 1)},
+        }
+        args.baselines.parent.mkdir(parents=True, exist_ok=True)
+        args.baselines.write_text(json.dumps(record, indent=2) + "\n")
+        print_table(results, record)
+        print(f"baselines written to {args.baselines}")
+        return 0
+
+    baselines = json.loads(args.baselines.read_text())
+    print_table(results, baselines)
+    failures = check(results, baselines, args.tolerance)
+    for line in failures:
+        print("REGRESSION:", line)
+    print("gate:", "FAIL" if failures else "pass")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The CPU attention workloads the benchmarks and the regression gate time.
+
+Each workload is a zero-argument callable over fixed inputs, so every implementation
+(dense SDPA, bspf_ext, the reference) is timed on the same tensors.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import bspf_ext
+from bspf_ext import reference
+
+TARGET_SHAPE = (8, 6, 197, 64)  # DeiT-S attention: (B, H, N, D)
+SHAPES = [(1, 6, 197, 64), TARGET_SHAPE, (64, 6, 197, 64), (4, 12, 577, 64)]
+BLOCK_SIZES = [8, 16, 32, 64]
+TARGET_BLOCK_SIZE = 16
+KEEP_RATIO = 0.5
+IMPLS = ("sdpa", "bspf", "reference")
+MODES = ("forward", "forward_backward")
+
+# Hard targets of the CPU issue: bspf / dense SDPA time ratios, and the speed-up over the reference.
+TARGET_RATIO = {"forward": 1.5, "forward_backward": 2.0}
+TARGET_SPEEDUP_OVER_REFERENCE = 20.0
+
+
+def shape_id(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+@dataclass
+class Inputs:
+    qk: torch.Tensor
+    v: torch.Tensor
+    grad_out: torch.Tensor
+
+
+def make_inputs(shape, seed: int = 0) -> Inputs:
+    gen = torch.Generator().manual_seed(seed)
+    qk = torch.randn(*shape, generator=gen)
+    v = torch.randn(*shape, generator=gen)
+    grad_out = torch.randn(*shape, generator=gen)
+    return Inputs(qk, v, grad_out)
+
+
+def _attention(impl: str, block_size: int):
+    if impl == "sdpa":
+        return lambda qk, v: F.scaled_dot_product_attention(qk, qk, v)
+    if impl == "bspf":
+        return lambda qk, v: bspf_ext.block_symmetric_attention(qk, v, block_size=block_size, keep_ratio=KEEP_RATIO)
+    if impl == "reference":
+        return lambda qk, v: reference.block_symmetric_attention(qk, v, block_size=block_size, keep_ratio=KEEP_RATIO)
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def workload(impl: str, mode: str, inputs: Inputs, block_size: int = TARGET_BLOCK_SIZE) -> Callable[[], None]:
+    """A callable running `impl` ('sdpa', 'bspf', 'reference') forward or forward+backward."""
+    attention = _attention(impl, block_size)
+    if mode == "forward":
+
+        def run_forward():
+            with torch.no_grad():
+                attention(inputs.qk, inputs.v)
+
+        return run_forward
+    if mode == "forward_backward":
+        qk = inputs.qk.clone().requires_grad_()
+        v = inputs.v.clone().requires_grad_()
+
+        def run_forward_backward():
+            qk.grad = v.grad = None
+            attention(qk, v).backward(inputs.grad_out)
+
+        return run_forward_backward
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def time_call(fn: Callable[[], None], calls: int = 1) -> float:
+    """Seconds per call, over `calls` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_medians(fns: dict, rounds: int, calls: int = 1, warmup: int = 1) -> dict:
+    """Median seconds per call of each callable, timed in turn within every round so that
+    a noisy neighbour slows them all alike; also the median of the per-round ratios to
+    fns' first entry (robust to load that changes between rounds)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_call(fn, calls))
+    first = next(iter(fns))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ratios = {
+        name: statistics.median(a / b for a, b in zip(t, times[first])) for name, t in times.items()
+    }
+    return {"median_s": medians, "ratio_to_" + first: ratios}
