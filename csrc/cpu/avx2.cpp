@@ -67,6 +67,23 @@ inline __m256 expand_bits(uint32_t bits) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, select));
 }
 
+// dst[0..round_up8(width)) = src[0..width) then zeros; reads nothing past src[width).
+inline void copy_padded(const float* src, int64_t width, float* dst) {
+  int64_t k = 0;
+  for (; k + kLanes <= width; k += kLanes) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(src + k));
+  if (k < width) {
+    const __m256i lanes = _mm256_castps_si256(lane_mask(width - k));
+    _mm256_storeu_ps(dst + k, _mm256_maskload_ps(src + k, lanes));
+  }
+}
+
+// dst[0..width) = src[0..width); writes nothing past dst[width).
+inline void copy_exact(const float* src, int64_t width, float* dst) {
+  int64_t k = 0;
+  for (; k + kLanes <= width; k += kLanes) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(src + k));
+  if (k < width) _mm256_maskstore_ps(dst + k, _mm256_castps_si256(lane_mask(width - k)), _mm256_loadu_ps(src + k));
+}
+
 // exp(x) to about 2 ulp (Cephes' polynomial); inputs below -88.38 give 0.
 inline __m256 exp256(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
@@ -223,7 +240,7 @@ void sparse_rows(const float* coef, int64_t ldc, const uint64_t* words, int64_t 
 
 // Copies rows × width floats from a buffer with row stride lds to one with row stride ldd.
 void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t width, float* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, sizeof(float) * width);
+  for (int64_t r = 0; r < rows; ++r) copy_exact(src + r * lds, width, dst + r * ldd);
 }
 
 // ---------------------------------------------------------------- geometry, memory
@@ -274,24 +291,24 @@ struct Array {
   }
 };
 
-// Copies one (b, h) slice of a strided (B, H, N, width) tensor into a dense ld×padded buffer,
-// zero in the padding rows and columns.
+// Copies one (b, h) slice of a strided (B, H, N, width) tensor into a dense rows×padded
+// buffer, zero in the padding rows and columns.
 void gather(const float* base, const int64_t* stride, int64_t pair, int64_t heads, int64_t n, int64_t width,
             int64_t rows, int64_t padded, float* dst) {
   const float* src = base + (pair / heads) * stride[0] + (pair % heads) * stride[1];
   for (int64_t i = 0; i < rows; ++i) {
     float* row = dst + i * padded;
     if (i >= n) {
-      std::memset(row, 0, sizeof(float) * padded);
+      for (int64_t k = 0; k < padded; k += kLanes) _mm256_storeu_ps(row + k, _mm256_setzero_ps());
       continue;
     }
     const float* s = src + i * stride[2];
     if (stride[3] == 1) {
-      std::memcpy(row, s, sizeof(float) * width);
+      copy_padded(s, width, row);
     } else {
       for (int64_t k = 0; k < width; ++k) row[k] = s[k * stride[3]];
+      for (int64_t k = width; k < padded; ++k) row[k] = 0.0f;
     }
-    for (int64_t k = width; k < padded; ++k) row[k] = 0.0f;
   }
 }
 
@@ -304,6 +321,7 @@ struct Workspace {
   Array<float> chunk, tile, small, out_row, column;
   Array<int32_t> keys;
   Array<uint64_t> bitmap;
+  Array<float> similarity;
 };
 
 namespace {
@@ -574,16 +592,19 @@ inline void for_each_fused_entry(const Geometry& g, int64_t i, const uint64_t* w
   }
 }
 
+inline int64_t bitmap_words(const Geometry& g) { return g.ld / 64 + 1; }
+
 // Rows of chunk m of R = P ⊙ M + F (SPEC §3.8) into `weights` (row r = token begin(m) + r)
 // and their sums Z into row_sum[r]. P row i is probs row i times row_scale[i − begin(m)]
 // (all 1 when row_scale is null). Fusion stays inside the chunk (b(i) is in it).
-// `bitmap` is scratch of ld / 64 + 1 words.
+// Scratch: `bitmaps` holds Ω · bitmap_words(g) words, `similarity` ld + 64 floats.
 void chunk_weights(const Geometry& g, int64_t m, const float* probs, const float* row_scale, const uint64_t* words,
-                   const int32_t* match, const float* rho, bool fuse, uint64_t* bitmap, float* weights,
-                   float* row_sum) {
-  const int64_t r0 = g.begin(m), rows = g.size(m);
+                   const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps, float* similarity,
+                   float* weights, float* row_sum) {
+  const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
+    uint64_t* bitmap = bitmaps + r * bw;
     row_bitmap(g, words + i * g.chunks, bitmap);
     const float* p = probs + i * g.ld;
     float* w = weights + r * g.ld;
@@ -598,18 +619,34 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const float
     row_sum[r] = hsum(sum);
   }
   if (!fuse) return;
+  // Row i moves ρ_i · H · P(i, j) to row b(i) on the columns it prunes and b(i) keeps
+  // (its own chunk is kept by both rows, so it never moves). H is constant per column
+  // chunk: spread share · H over the row, then add the moved entries 8 at a time.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r, target_row = match[i] - r0;
+    if (target_row == r || !(rho[i] > 0.0f)) continue;
+    const uint64_t* own = bitmaps + r * bw;
+    const uint64_t* other = bitmaps + target_row * bw;
+    const float share = rho[i] * (row_scale ? row_scale[r] : 1.0f);
+    const uint64_t* wi = words + i * g.chunks;
+    const uint64_t* wp = words + match[i] * g.chunks;
+    for (int64_t c = 0; c < g.chunks; ++c) {
+      // In increasing c: each store's spill past its chunk is overwritten by the next one.
+      const __m256 h = _mm256_set1_ps(share * g.similarity(c, __builtin_popcountll(wi[c] ^ wp[c])));
+      for (int64_t j = g.begin(c); j < g.begin(c) + g.size(c); j += kLanes) _mm256_storeu_ps(similarity + j, h);
+    }
     float* target = weights + target_row * g.ld;
     const float* source = probs + i * g.ld;
-    const float share = rho[i] * (row_scale ? row_scale[r] : 1.0f);
-    float added = 0.0f;
-    for_each_fused_entry(g, i, words, match, rho, [&](int64_t j, float similarity) {
-      const float moved = share * similarity * source[j];
-      target[j] += moved;
-      added += moved;
-    });
-    row_sum[target_row] += added;
+    __m256 added = _mm256_setzero_ps();
+    for (int64_t j = 0; j < g.ld; j += kLanes) {
+      const uint32_t moved = bitmap_byte(other, j) & ~bitmap_byte(own, j) & 0xFFu;
+      if (!moved) continue;
+      const __m256 value = _mm256_and_ps(
+          expand_bits(moved), _mm256_mul_ps(_mm256_loadu_ps(similarity + j), _mm256_loadu_ps(source + j)));
+      _mm256_storeu_ps(target + j, _mm256_add_ps(_mm256_loadu_ps(target + j), value));
+      added = _mm256_add_ps(added, value);
+    }
+    row_sum[target_row] += hsum(added);
   }
 }
 
@@ -619,7 +656,7 @@ bool reserve_forward(const Geometry& g, Workspace& ws) {
   return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
          ws.logits.reserve(g.square()) && ws.chunk.reserve(g.omega * g.ld) &&
          ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(2 * 64 * 64) &&
-         ws.small.reserve(64 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(g.ld / 64 + 1);
+         ws.small.reserve(64 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.similarity.reserve(g.ld + 64);
 }
 
 // X gathered, Xᵀ, and L (the shared first steps of every entry point).
@@ -672,7 +709,8 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float inv_sum[64];
     for (int64_t r = 0; r < rows; ++r) lse[r0 + r] = softmax_row(g, ws.logits.data + (r0 + r) * g.ld, &inv_sum[r]);
-    chunk_weights(g, m, ws.logits.data, inv_sum, words, match, rho, fp.p.fuse, ws.bitmap.data, ws.chunk.data,
+    chunk_weights(g, m, ws.logits.data, inv_sum, words, match, rho, fp.p.fuse, ws.bitmap.data, ws.similarity.data,
+                  ws.chunk.data,
                   row_sum + r0);
     for (int64_t i = r0; i < r0 + rows; ++i) inv_z[i] = 1.0f / row_sum[i];
     sparse_rows(ws.chunk.data, g.ld, words + r0 * g.chunks, g.chunks, g.omega, ws.v.data, g.dvp, g.dvp, inv_z + r0,
@@ -716,7 +754,8 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   // A = R / Z, with R rebuilt from P and the saved choices (the forward's own code).
   float recomputed_z[64];  // the saved Z is used instead, as in the portable path
   for (int64_t m = 0; m < C; ++m)
-    chunk_weights(g, m, probs, nullptr, words, match, rho, bp.p.fuse, ws.bitmap.data, weights + g.begin(m) * ld,
+    chunk_weights(g, m, probs, nullptr, words, match, rho, bp.p.fuse, ws.bitmap.data, ws.similarity.data,
+                  weights + g.begin(m) * ld,
                   recomputed_z);
   std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
   for (int64_t i = 0; i < N; ++i) {
