@@ -610,8 +610,11 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const float
     float* w = weights + r * g.ld;
     const __m256 scale = _mm256_set1_ps(row_scale ? row_scale[r] : 1.0f);
     __m256 sum = _mm256_setzero_ps();
+    uint64_t bits = 0;
     for (int64_t j = 0; j < g.ld; j += kLanes) {
-      const __m256 kept = _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), _mm256_loadu_ps(p + j));
+      if (j % 64 == 0) bits = bitmap[j / 64];
+      const __m256 kept = _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), _mm256_loadu_ps(p + j));
+      bits >>= 8;
       const __m256 value = _mm256_mul_ps(scale, kept);
       _mm256_storeu_ps(w + j, value);
       sum = _mm256_add_ps(sum, value);
@@ -638,11 +641,14 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const float
     float* target = weights + target_row * g.ld;
     const float* source = probs + i * g.ld;
     __m256 added = _mm256_setzero_ps();
+    // Branch-free: skipping all-zero bytes mispredicts more than it saves.
+    uint64_t moved = 0;
     for (int64_t j = 0; j < g.ld; j += kLanes) {
-      const uint32_t moved = bitmap_byte(other, j) & ~bitmap_byte(own, j) & 0xFFu;
-      if (!moved) continue;
-      const __m256 value = _mm256_and_ps(
-          expand_bits(moved), _mm256_mul_ps(_mm256_loadu_ps(similarity + j), _mm256_loadu_ps(source + j)));
+      if (j % 64 == 0) moved = other[j / 64] & ~own[j / 64];
+      const __m256 value =
+          _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
+                        _mm256_mul_ps(_mm256_loadu_ps(similarity + j), _mm256_loadu_ps(source + j)));
+      moved >>= 8;
       _mm256_storeu_ps(target + j, _mm256_add_ps(_mm256_loadu_ps(target + j), value));
       added = _mm256_add_ps(added, value);
     }
