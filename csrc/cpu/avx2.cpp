@@ -180,26 +180,54 @@ void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t dept
 
 // ------------------------------------------------------------ sparse row products
 
+// Lane positions of the set bits of a byte, in increasing order: compress_table.lanes[b].
+struct CompressTable {
+  int32_t lanes[256][8];
+};
+constexpr CompressTable make_compress_table() {
+  CompressTable t{};
+  for (int byte = 0; byte < 256; ++byte) {
+    int count = 0;
+    for (int bit = 0; bit < 8; ++bit)
+      if (byte >> bit & 1) t.lanes[byte][count++] = bit;
+  }
+  return t;
+}
+constexpr CompressTable compress_table = make_compress_table();
+
+// The columns set in either of two row bitmaps (ld / 8 bytes each), in increasing order,
+// written to `list` (ld + 8 entries) without a data-dependent branch; returns how many.
+inline int64_t union_columns(const uint64_t* bitmap0, const uint64_t* bitmap1, int64_t ld, int32_t* list) {
+  int64_t count = 0;
+  uint64_t bits = 0;
+  for (int64_t j = 0; j < ld; j += kLanes) {
+    if (j % 64 == 0) bits = bitmap0[j / 64] | bitmap1[j / 64];
+    const uint32_t byte = static_cast<uint32_t>(bits) & 0xFFu;
+    const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(compress_table.lanes[byte]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(list + count),
+                        _mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int>(j))));
+    count += __builtin_popcount(byte);
+    bits >>= 8;
+  }
+  return count;
+}
+
 // Two rows at a time: out_r[0..8·NV) = alpha_r · Σ_j coef_r[j] · B[j][0..8·NV) over the
-// union of the two rows' kept columns (coef is 0 where a row prunes j). Only kept
-// entries are touched, and each row of B loaded serves both rows.
+// listed columns j (the union of the two rows' kept columns; coef is 0 where a row
+// prunes j). Each row of B loaded serves both rows.
 template <int NV>
-inline void sparse_pair_tile(const float* coef0, const float* coef1, const uint64_t* words0,
-                             const uint64_t* words1, int64_t chunks, int64_t omega, const float* b, int64_t ldb,
-                             float* out0, float* out1, __m256 alpha0, __m256 alpha1) {
+inline void sparse_pair_tile(const float* coef0, const float* coef1, const int32_t* list, int64_t count,
+                             const float* b, int64_t ldb, float* out0, float* out1, __m256 alpha0, __m256 alpha1) {
   __m256 acc0[NV], acc1[NV];
   for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t base = c * omega;
-    for (uint64_t m = words0[c] | words1[c]; m; m &= m - 1) {
-      const int64_t j = base + __builtin_ctzll(m);
-      const __m256 s0 = _mm256_broadcast_ss(coef0 + j), s1 = _mm256_broadcast_ss(coef1 + j);
-      const float* bj = b + j * ldb;
-      for (int v = 0; v < NV; ++v) {
-        const __m256 bv = _mm256_loadu_ps(bj + v * kLanes);
-        acc0[v] = _mm256_fmadd_ps(s0, bv, acc0[v]);
-        acc1[v] = _mm256_fmadd_ps(s1, bv, acc1[v]);
-      }
+  for (int64_t e = 0; e < count; ++e) {
+    const int64_t j = list[e];
+    const __m256 s0 = _mm256_broadcast_ss(coef0 + j), s1 = _mm256_broadcast_ss(coef1 + j);
+    const float* bj = b + j * ldb;
+    for (int v = 0; v < NV; ++v) {
+      const __m256 bv = _mm256_loadu_ps(bj + v * kLanes);
+      acc0[v] = _mm256_fmadd_ps(s0, bv, acc0[v]);
+      acc1[v] = _mm256_fmadd_ps(s1, bv, acc1[v]);
     }
   }
   for (int v = 0; v < NV; ++v) {
@@ -209,30 +237,36 @@ inline void sparse_pair_tile(const float* coef0, const float* coef1, const uint6
 }
 
 // Rows [0, rows) of OUT = diag(alpha) · COEF·B, each row restricted to its kept entries:
-// row r has coefficients coef + r·ldc, mask words words + r·chunks and alpha[r] (1 when
-// alpha is null); B is width floats wide (a multiple of 8), OUT row r is out + r·ldo.
+// row r has coefficients coef + r·ldc, its mask as a bitmap at bitmaps + r·bw (ld / 8
+// bytes) and alpha[r] (1 when alpha is null); B is width floats wide (a multiple of 8);
+// OUT row r is out + r·ldo. `lists` is scratch of ((rows + 1) / 2) · (ld + 8) ints.
 // Columns of B in slices of 32 outside, rows in pairs inside: a 32-wide slice of B
 // (25 KB at N = 200) stays in L1 for all rows, where whole rows of B would stream from L2.
-void sparse_rows(const float* coef, int64_t ldc, const uint64_t* words, int64_t chunks, int64_t omega,
-                 const float* b, int64_t ldb, int64_t width, const float* alpha, int64_t rows, float* out,
+void sparse_rows(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_t bw, int64_t ld, const float* b,
+                 int64_t ldb, int64_t width, const float* alpha, int64_t rows, int32_t* lists, float* out,
                  int64_t ldo) {
+  const int64_t stride = ld + kLanes;
+  for (int64_t r = 0; r < rows; r += 2) {
+    const int64_t r1 = r + 1 < rows ? r + 1 : r;
+    int32_t* list = lists + (r / 2) * stride;
+    list[0] = static_cast<int32_t>(union_columns(bitmaps + r * bw, bitmaps + r1 * bw, ld, list + 1));
+  }
   for (int64_t col = 0; col < width; col += 32) {
     const float* bc = b + col;
     const int64_t nv = min64(4, (width - col) / kLanes);
     for (int64_t r = 0; r < rows; r += 2) {
       const int64_t r1 = r + 1 < rows ? r + 1 : r;
+      const int32_t* list = lists + (r / 2) * stride;
       const float* c0 = coef + r * ldc;
       const float* c1 = coef + r1 * ldc;
-      const uint64_t* w0 = words + r * chunks;
-      const uint64_t* w1 = words + r1 * chunks;
       float* o0 = out + r * ldo + col;
       float* o1 = out + r1 * ldo + col;
       const __m256 a0 = _mm256_set1_ps(alpha ? alpha[r] : 1.0f), a1 = _mm256_set1_ps(alpha ? alpha[r1] : 1.0f);
       switch (nv) {
-        case 1: sparse_pair_tile<1>(c0, c1, w0, w1, chunks, omega, bc, ldb, o0, o1, a0, a1); break;
-        case 2: sparse_pair_tile<2>(c0, c1, w0, w1, chunks, omega, bc, ldb, o0, o1, a0, a1); break;
-        case 3: sparse_pair_tile<3>(c0, c1, w0, w1, chunks, omega, bc, ldb, o0, o1, a0, a1); break;
-        default: sparse_pair_tile<4>(c0, c1, w0, w1, chunks, omega, bc, ldb, o0, o1, a0, a1); break;
+        case 1: sparse_pair_tile<1>(c0, c1, list + 1, list[0], bc, ldb, o0, o1, a0, a1); break;
+        case 2: sparse_pair_tile<2>(c0, c1, list + 1, list[0], bc, ldb, o0, o1, a0, a1); break;
+        case 3: sparse_pair_tile<3>(c0, c1, list + 1, list[0], bc, ldb, o0, o1, a0, a1); break;
+        default: sparse_pair_tile<4>(c0, c1, list + 1, list[0], bc, ldb, o0, o1, a0, a1); break;
       }
     }
   }
@@ -319,7 +353,7 @@ struct Workspace {
   Array<float> x, xt, v, vt, g, dx, dv;        // X, Xᵀ, V, Vᵀ, dOut, dX, dV (padded rows)
   Array<float> logits, weights, grad, work;    // ld×ld squares
   Array<float> chunk, tile, small, out_row, column;
-  Array<int32_t> keys;
+  Array<int32_t> keys, lists;
   Array<uint64_t> bitmap;
   Array<float> similarity;
 };
@@ -662,7 +696,7 @@ bool reserve_forward(const Geometry& g, Workspace& ws) {
   return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
          ws.logits.reserve(g.square()) && ws.chunk.reserve(g.omega * g.ld) &&
          ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(2 * 64 * 64) &&
-         ws.small.reserve(64 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.similarity.reserve(g.ld + 64);
+         ws.small.reserve(64 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes)) && ws.similarity.reserve(g.ld + 64);
 }
 
 // X gathered, Xᵀ, and L (the shared first steps of every entry point).
@@ -719,8 +753,8 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
                   ws.chunk.data,
                   row_sum + r0);
     for (int64_t i = r0; i < r0 + rows; ++i) inv_z[i] = 1.0f / row_sum[i];
-    sparse_rows(ws.chunk.data, g.ld, words + r0 * g.chunks, g.chunks, g.omega, ws.v.data, g.dvp, g.dvp, inv_z + r0,
-                rows, ws.out_row.data, g.dvp);
+    sparse_rows(ws.chunk.data, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, ws.v.data, g.dvp, g.dvp, inv_z + r0, rows,
+                ws.lists.data, ws.out_row.data, g.dvp);
     copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
   }
   return true;
@@ -731,7 +765,8 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   const Geometry g(bp.p);
   const int64_t N = g.n, ld = g.ld, C = g.chunks;
   if (!reserve_forward(g, ws) || !ws.vt.reserve(g.dvp * ld) || !ws.g.reserve(ld * g.dvp) ||
-      !ws.dx.reserve(ld * g.dp) || !ws.dv.reserve(ld * g.dvp) || !ws.weights.reserve(g.square()) || !ws.grad.reserve(g.square()) ||
+      !ws.dx.reserve(ld * g.dp) || !ws.bitmap.reserve(ld * bitmap_words(g)) ||
+      !ws.lists.reserve((ld / 2 + 1) * (ld + kLanes)) || !ws.dv.reserve(ld * g.dvp) || !ws.weights.reserve(g.square()) || !ws.grad.reserve(g.square()) ||
       !ws.work.reserve(g.square()) || !ws.column.reserve(ld))
     return false;
   const uint64_t* words = bp.saved.mask_words + pair * N * C;
@@ -773,7 +808,7 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   // dA = G Vᵀ (dense: only kept entries are used), then
   // dR(i, j) = M(i, j) · (dA(i, j) − Σ_k A(i, k) dA(i, k)) / Z_i.
   gemm(ws.g.data, g.dvp, ws.vt.data, ld, g.dv, grad, ld, ld, ld, 1.0f, /*upper=*/false);
-  uint64_t* bitmap = ws.bitmap.data;
+  uint64_t* bitmaps = ws.bitmap.data;
   for (int64_t i = 0; i < N; ++i) {
     const float* a = weights + i * ld;
     float* dr = grad + i * ld;
@@ -781,6 +816,7 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
     for (int64_t j = 0; j < ld; j += kLanes)
       s = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(dr + j), s);
     const __m256 a_dot_da = _mm256_set1_ps(hsum(s)), inv = _mm256_set1_ps(1.0f / row_sum[i]);
+    uint64_t* bitmap = bitmaps + i * bitmap_words(g);  // kept for dV below
     row_bitmap(g, words + i * C, bitmap);
     for (int64_t j = 0; j < ld; j += kLanes) {
       const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(dr + j), a_dot_da), inv);
@@ -792,7 +828,8 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   // dV_j = Σ_i A(i, j) G_i over kept (i, j); M is symmetric, so row j's kept columns are
   // exactly the i with (i, j) kept, and Aᵀ makes the coefficients contiguous.
   transpose(weights, ld, ld, ld, work, ld);
-  sparse_rows(work, ld, words, C, g.omega, ws.g.data, g.dvp, g.dvp, nullptr, N, ws.dv.data, g.dvp);
+  sparse_rows(work, ld, ws.bitmap.data, bitmap_words(g), ld, ws.g.data, g.dvp, g.dvp, nullptr, N, ws.lists.data,
+              ws.dv.data, g.dvp);
   copy_rows(ws.dv.data, g.dvp, N, g.dv, grad_v, g.dv);
 
   // dP = M ⊙ dR plus, on pruned (i, j), ρ_i · H · dR(b(i), j); and dρ_i (SPEC §4).
