@@ -11,7 +11,7 @@ import platform
 import pytest
 import torch
 
-from workloads import TARGET_RATIO, TARGET_SPEEDUP_OVER_REFERENCE, shape_id
+from workloads import MODES, SHAPES, TARGET_RATIO, TARGET_SPEEDUP_OVER_REFERENCE, shape_id
 
 # (impl, shape, block_size or None, mode) -> median seconds, filled by the benchmarks.
 MEDIANS: dict = {}
@@ -36,7 +36,11 @@ def record(benchmark, impl, shape, block_size, mode):
 
 def ratio_rows():
     rows = []
-    for (impl, shape, block_size, mode), median in sorted(MEDIANS.items(), key=lambda kv: str(kv[0])):
+    def order(item):
+        (_impl, shape, block_size, mode), _median = item
+        return (SHAPES.index(shape) if shape in SHAPES else len(SHAPES), block_size or 0, MODES.index(mode))
+
+    for (impl, shape, block_size, mode), median in sorted(MEDIANS.items(), key=order):
         if impl != "bspf":
             continue
         dense = MEDIANS.get(("sdpa", shape, None, mode))
