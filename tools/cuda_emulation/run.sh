@@ -10,7 +10,7 @@ case "$mode" in
   tsan) flags="-fsanitize=thread" ;;
   *) echo "usage: $0 [asan|tsan] [quick]" >&2; exit 2 ;;
 esac
-out="${TMPDIR:-/tmp}/bspf_cuda_emulation_$mode"
+out="$(mktemp "${TMPDIR:-/tmp}/bspf_cuda_emulation_$mode.XXXXXX")"
 g++ -std=c++20 -O1 -g $flags -I"$here/include" -I"$root/csrc/include" \
   "$here/emulate.cpp" "$root/csrc/cpu/scalar.cpp" "$root/csrc/cpu/dispatch.cpp" -lpthread -o "$out"
 "$out" "${2:-}"

@@ -11,11 +11,13 @@
 
 namespace bspf::cuda {
 
-// Scratch the CUDA backward needs besides BackwardParams, all zero-initialised by the
-// caller, in the accumulation type (float, or double for float64 inputs):
-//   row_stats    (3, B, H, N): per row δ_i = Σ_k A(i,k)·dA(i,k), s_i = Σ_k P(i,k)·dP(i,k), dρ_i.
+// Scratch the CUDA backward needs besides BackwardParams, contiguous, in the accumulation
+// type (float, or double for float64 inputs):
+//   row_stats    (3, B, H, N): per row δ_i = Σ_k A(i,k)·dA(i,k), s_i = Σ_k P(i,k)·dP(i,k), dρ_i
+//                (fully written by the backward; need not be initialised).
 //   grad_qk_acc  (B, H, N, D) and grad_v_acc (B, H, N, Dv): the gradients before the cast to
-//   the input dtype. They may alias params.grad_qk / grad_v when the dtypes agree.
+//                the input dtype, ZERO-INITIALISED by the caller (the kernels add into them).
+//                They may alias params.grad_qk / grad_v when the dtypes agree.
 struct BackwardWorkspace {
   void* row_stats = nullptr;
   void* grad_qk_acc = nullptr;
