@@ -17,6 +17,7 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
 BLOCKS = [1, 2, 7, 16, 32, 64]
 # Gradients of low-precision inputs against a float64 reference that makes the kernel's
 # own choices: the cast of the result to the input dtype dominates below float32.
@@ -27,7 +28,7 @@ def cuda_inputs(b, h, n, d, dv=None, *, dtype=torch.float64, seed=0):
     return random_inputs(b, h, n, d, dv, dtype=dtype, device="cuda", seed=seed)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("block_size", BLOCKS)
 @pytest.mark.parametrize("n", [1, 5, 64, 197, 300])
 def test_forward_matches_reference(dtype, block_size, n):
@@ -35,7 +36,7 @@ def test_forward_matches_reference(dtype, block_size, n):
     assert_close_to_reference(qk, v, block_size=block_size, keep_ratio=0.5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_forward_long_sequence(dtype, block_size):
     qk, v = cuda_inputs(1, 2, 1024, 64, dtype=dtype)
@@ -107,7 +108,7 @@ def _grads(fn, qk, v, grad):
     return torch.autograd.grad(fn(qk, v), (qk, v), grad)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n,block_size,keep_ratio", [(197, 16, 0.5), (50, 7, 0.25), (33, 1, 0.5), (130, 64, 1.0)])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_gradients_match_reference_autograd(dtype, n, block_size, keep_ratio, fuse):
@@ -136,7 +137,7 @@ def test_gradcheck(n, block_size, fuse):
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_opcheck(dtype):
     qk, v = cuda_inputs(2, 2, 21, 8, 4, dtype=dtype)
     kernel = reference.box_kernel(dtype, "cuda")
@@ -154,7 +155,7 @@ def _forward_backward(qk, v, grad, **kwargs):
     return (out.detach(), *torch.autograd.grad(out, (qk, v), grad))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_bitwise_deterministic(dtype):
     qk, v = cuda_inputs(4, 3, 197, 16, dtype=dtype)
     grad = torch.randn_like(v)
@@ -254,7 +255,7 @@ def test_strided_and_expanded_inputs():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_empty_and_single_token(dtype):
     for shape in [(2, 3, 0, 4), (0, 3, 7, 4), (2, 0, 7, 4)]:
         qk = torch.zeros(shape, dtype=dtype, device="cuda", requires_grad=True)
