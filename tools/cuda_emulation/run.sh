@@ -11,6 +11,7 @@ case "$mode" in
   *) echo "usage: $0 [asan|tsan] [quick]" >&2; exit 2 ;;
 esac
 out="$(mktemp "${TMPDIR:-/tmp}/bspf_cuda_emulation_$mode.XXXXXX")"
+trap 'rm -f "$out"' EXIT
 g++ -std=c++20 -O1 -g $flags -I"$here/include" -I"$root/csrc/include" \
   "$here/emulate.cpp" "$root/csrc/cpu/scalar.cpp" "$root/csrc/cpu/dispatch.cpp" -lpthread -o "$out"
 "$out" "${2:-}"
