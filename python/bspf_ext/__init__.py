@@ -3,10 +3,12 @@
 from . import _cpu_ops  # noqa: F401  (registers the CPU kernels)
 from . import reference
 from . import pruning  # noqa: F401  (bspf_ext.pruning: the token-reduction methods BSPF is compared with)
-from ._backends import cpu_capability, has_cuda_build
+from ._backends import cpu_capability, has_cuda_build, load_cuda_kernels
 from ._ops import block_mask, block_symmetric_attention
 from .nn import BlockSymmetricAttention
 from . import models, patch  # noqa: E402  (they build on the names above)
+
+load_cuda_kernels()  # registers the CUDA kernels when the package was built with nvcc
 
 __version__ = "0.1.0"
 

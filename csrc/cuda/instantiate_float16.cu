@@ -1,0 +1,6 @@
+// The CUDA kernels for float16 inputs.
+#include "launch.cuh"
+
+namespace bspf::cuda {
+BSPF_INSTANTIATE_LAUNCHERS(__half)
+}  // namespace bspf::cuda

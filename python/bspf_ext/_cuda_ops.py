@@ -1,0 +1,72 @@
+"""CUDA kernels of the bspf_ext ops: allocate through torch on the tensor's device, fill
+the params struct, launch bspf_ext._cuda on the current stream under a device guard.
+Imported only when the package was built with CUDA (see _backends.load_cuda_kernels)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _cuda, _params
+from ._ops import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
+
+
+def _kernel_buffer(score_kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return score_kernel.to(_params.accumulation_dtype(dtype)).contiguous()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@forward_op.register_kernel("cuda")
+def _forward_cuda(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
+    outputs = allocate_forward(qk, v, block_size)
+    out, mask_words, match, rho, lse, row_sum = outputs
+    if mask_words.numel() == 0:  # B·H = 0 or N = 0
+        return tuple(t.zero_() for t in outputs)
+    with torch.cuda.device(qk.device):
+        kernel = _kernel_buffer(score_kernel, qk.dtype)
+        saved = _params.saved(_cuda, mask_words, match, rho, lse, row_sum)
+        params = _params.forward_params(_cuda, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved, 0)
+        _cuda.forward(params, qk.device.index, _stream(qk.device))
+    return outputs
+
+
+@backward_op.register_kernel("cuda")
+def _backward_cuda(grad_out, qk, v, mask_words, match, rho, lse, row_sum, block_size, fuse, scale):
+    acc = _params.accumulation_dtype(qk.dtype)
+    with torch.cuda.device(qk.device):
+        # The kernels accumulate each token's gradient in the accumulation type, then cast;
+        # where the dtypes agree the output is the accumulator.
+        grad_qk_acc = torch.zeros(qk.shape, dtype=acc, device=qk.device)
+        grad_v_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
+        grad_qk = grad_qk_acc if qk.dtype == acc else torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+        grad_v = grad_v_acc if v.dtype == acc else torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        if mask_words.numel() == 0:
+            return grad_qk.zero_(), grad_v.zero_()
+        b, h, n, _ = qk.shape
+        row_stats = torch.empty((3, b, h, n), dtype=acc, device=qk.device)
+        workspace = _cuda.BackwardWorkspace()
+        workspace.row_stats = row_stats.data_ptr()
+        workspace.grad_qk_acc = grad_qk_acc.data_ptr()
+        workspace.grad_v_acc = grad_v_acc.data_ptr()
+        saved = _params.saved(_cuda, mask_words, match, rho, lse, row_sum)
+        params = _params.backward_params(_cuda, grad_out, qk, v, saved, block_size, fuse, scale, grad_qk, grad_v, 0)
+        _cuda.backward(params, workspace, qk.device.index, _stream(qk.device))
+    return grad_qk, grad_v
+
+
+@block_mask_op.register_kernel("cuda")
+def _block_mask_cuda(qk, score_kernel, block_size, keep_ratio, scale):
+    b, h, n, _ = qk.shape
+    mask_words = torch.empty((b, h, n, _params.num_chunks(n, block_size)), dtype=torch.int64, device=qk.device)
+    if mask_words.numel() == 0:
+        return torch.empty((b, h, n, n), dtype=torch.bool, device=qk.device)
+    with torch.cuda.device(qk.device):
+        kernel = _kernel_buffer(score_kernel, qk.dtype)
+        saved = _cuda.Saved()
+        saved.mask_words = mask_words.data_ptr()
+        # v is not read by the mask kernel; qk stands in so the struct is well formed.
+        params = _params.forward_params(_cuda, qk, qk, kernel, block_size, keep_ratio, True, scale, None, saved, 0)
+        _cuda.mask(params, qk.device.index, _stream(qk.device))
+    return unpack_mask_words(mask_words, n, block_size)
