@@ -294,7 +294,7 @@ void backward_impl(const BackwardParams& bp) {
         for (uint64_t m = words[i * C + c]; m; m &= m - 1) {
           const int64_t j = ch.begin(c) + __builtin_ctzll(m);
           const T a = w.weights[i * n + j] / z;
-          const T da = dot(&w.g[i * dv], &w.v[j * dv], dv);
+          const T da = dot(w.g.data() + i * dv, w.v.data() + j * dv, dv);  // data(): Dv may be 0
           grad_r[i * n + j] = da;
           a_dot_da += a * da;
           for (int64_t k = 0; k < dv; ++k) grad_v[j * dv + k] += a * w.g[i * dv + k];
