@@ -6,9 +6,9 @@ seed:
 
 * ``digits`` — one digit per image, upscaled to ``image_size``; 10 classes.
 * ``digit-pairs`` — two digits in opposite corners of the canvas (top-left and
-  bottom-right); the label says whether they are the same digit. The label depends on two
-  far-apart regions, so attention confined to chunks of nearby tokens cannot solve it:
-  what BSPF's long-range entries buy is measured, not assumed.
+  bottom-right); the label names both. The label depends on two far-apart regions, so
+  attention confined to chunks of nearby tokens cannot solve it: what BSPF's long-range
+  entries buy is measured, not assumed.
 
 The digit images are split into train and test pools before any composition, so test
 images are never seen in training, not even as half of a pair.
@@ -83,26 +83,23 @@ def digits(image_size: int = 32, seed: int = 0, test_fraction: float = 0.25) -> 
     )
 
 
-def _compose_pairs(images, labels, count, image_size, generator):
-    """Two digits in opposite corners; label 1 when they are the same digit (half of the pairs)."""
+def _compose_pairs(images, labels, classes, count, image_size, generator):
+    """A digit of `classes` in each of two opposite corners; the label is the pair's index
+    first·len(classes) + second."""
     digit_size = image_size * 3 // 8
     jitter = image_size // 8
     small = _resize(images, digit_size)
-    by_class = [torch.nonzero(labels == c).flatten() for c in range(10)]
+    by_class = [torch.nonzero(labels == c).flatten() for c in classes]
 
-    same = torch.rand(count, generator=generator) < 0.5
-    first_class = torch.randint(0, 10, (count,), generator=generator)
-    offset = torch.randint(1, 10, (count,), generator=generator)
-    second_class = torch.where(same, first_class, (first_class + offset) % 10)
-
-    def pick(classes):
+    def pick(which):
         chosen = torch.empty(count, dtype=torch.int64)
-        for c in range(10):
-            where = torch.nonzero(classes == c).flatten()
-            pool = by_class[c]
+        for c, pool in enumerate(by_class):
+            where = torch.nonzero(which == c).flatten()
             chosen[where] = pool[torch.randint(0, len(pool), (len(where),), generator=generator)]
         return chosen
 
+    first_class = torch.randint(0, len(classes), (count,), generator=generator)
+    second_class = torch.randint(0, len(classes), (count,), generator=generator)
     first, second = pick(first_class), pick(second_class)
     canvas = torch.zeros(count, 1, image_size, image_size)
     shifts = torch.randint(0, jitter + 1, (count, 4), generator=generator)
@@ -112,29 +109,43 @@ def _compose_pairs(images, labels, count, image_size, generator):
         canvas[i, :, y : y + digit_size, x : x + digit_size] = small[first[i]]
         y, x = far + int(shifts[i, 2]), far + int(shifts[i, 3])
         canvas[i, :, y : y + digit_size, x : x + digit_size] = small[second[i]]
-    return canvas, same.to(torch.int64)
+    return canvas, first_class * len(classes) + second_class
 
 
 def digit_pairs(
-    image_size: int = 32, seed: int = 0, train_size: int = 6000, test_size: int = 1500, test_fraction: float = 0.25
+    image_size: int = 32,
+    seed: int = 0,
+    train_size: int = 6000,
+    test_size: int = 1500,
+    test_fraction: float = 0.25,
+    classes: tuple = (0, 1),
 ) -> EmbeddedDataset:
-    """Same-or-different digits in opposite corners: a label that needs long-range attention."""
+    """Two digits in opposite corners; the label names both (len(classes)² classes).
+
+    Each corner alone can tell at most 1/len(classes) of the label — 50% accuracy with the
+    default classes (0, 1) — so a model that cannot connect the two corners is capped there,
+    while one that can approaches 100%. With two easy digits the task isolates long-range
+    interaction from digit recognition; more classes make recognition harder too.
+    """
     _check_size(image_size, 16)
+    classes = tuple(classes)
+    if len(set(classes)) < 2 or not set(classes) <= set(range(10)) or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be two or more distinct digits 0-9, got {classes!r}")
     images, labels = digit_images()
     generator = torch.Generator().manual_seed(seed)
     train_pool, test_pool = _split(len(labels), test_fraction, generator)
-    train = _compose_pairs(images[train_pool], labels[train_pool], train_size, image_size, generator)
-    test = _compose_pairs(images[test_pool], labels[test_pool], test_size, image_size, generator)
+    train = _compose_pairs(images[train_pool], labels[train_pool], classes, train_size, image_size, generator)
+    test = _compose_pairs(images[test_pool], labels[test_pool], classes, test_size, image_size, generator)
     return EmbeddedDataset(
         name="digit-pairs",
         train=TensorDataset(*train),
         test=TensorDataset(*test),
-        num_classes=2,
+        num_classes=len(classes) ** 2,
         image_size=image_size,
         in_chans=1,
         description=(
-            f"two digits in opposite corners of a {image_size}x{image_size} canvas; "
-            "label: are they the same digit (needs long-range attention)"
+            f"digits {classes} in the top-left and bottom-right corners of a {image_size}x{image_size} "
+            "canvas; the label names both (needs long-range attention)"
         ),
     )
 
