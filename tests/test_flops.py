@@ -120,3 +120,18 @@ def test_bad_arguments():
         count_flops(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError):
         count_flops(ViTConfig(), batch_size=0)
+
+
+def test_token_counts_per_layer():
+    from bspf_ext.models import ViTConfig, count_flops
+
+    config = ViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=4)
+    full = count_flops(config)
+    assert count_flops(config, tokens=[config.num_tokens] * 4).total == full.total
+    pruned = count_flops(config, tokens=[33, 33, 17, 17])
+    assert pruned.total < full.total
+    assert pruned.layers[0].total == count_flops(config, tokens=[33] * 4).layers[0].total
+    with pytest.raises(ValueError, match="tokens must give 4"):
+        count_flops(config, tokens=[10, 10])
+    with pytest.raises(ValueError, match="tokens must give"):
+        count_flops(config, tokens=[0, 10, 10, 10])

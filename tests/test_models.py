@@ -105,3 +105,21 @@ def test_bad_config(overrides):
 def test_wrong_image_size_is_a_clear_error():
     with pytest.raises(ValueError, match="expected images"):
         models.vit_tiny(**SMALL)(_images(size=48))
+
+
+def test_dense_block_key_mask_hides_tokens():
+    from bspf_ext.models.vit import Block, ViTConfig
+
+    config = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=4, num_classes=0)
+    block = Block(config, "dense", 0.0).eval()
+    assert block.supports_key_mask
+    x = torch.randn(2, 9, 32)
+    keep = torch.tensor([[True] * 5 + [False] * 4, [True, False] * 4 + [True]])
+    full = block(x, key_mask=keep)
+    for b in range(2):
+        alone = block(x[b : b + 1, keep[b]])
+        torch.testing.assert_close(full[b, keep[b]], alone[0], rtol=1e-5, atol=1e-5)
+    bspf_block = Block(config, "bspf", 0.0)
+    assert not bspf_block.supports_key_mask
+    with pytest.raises(ValueError, match="key_mask needs dense attention"):
+        bspf_block(x, key_mask=keep)

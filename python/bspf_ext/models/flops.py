@@ -23,7 +23,7 @@ Counting rules (docs/models.md says why):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Sequence, Union
 
 from ..reference import keep_count
 from .vit import ViTConfig, VisionTransformer
@@ -178,9 +178,9 @@ def _linear(tokens: int, fan_in: int, fan_out: int, bias: bool = True) -> int:
     return tokens * fan_out * (2 * fan_in + (1 if bias else 0))
 
 
-def _layer_flops(config: ViTConfig, index: int, batch_size: int) -> LayerFlops:
+def _layer_flops(config: ViTConfig, index: int, batch_size: int, n: int) -> LayerFlops:
     kind = config.attention_of(index)
-    n, c, heads = config.num_tokens, config.embed_dim, config.num_heads
+    c, heads = config.embed_dim, config.num_heads
     tokens = batch_size * n
     hidden = int(c * config.mlp_ratio)
     core = attention_core_flops(
@@ -197,20 +197,35 @@ def _layer_flops(config: ViTConfig, index: int, batch_size: int) -> LayerFlops:
     return LayerFlops(index, kind, parts, core)
 
 
-def count_flops(model: Union[VisionTransformer, ViTConfig], batch_size: int = 1, label: str | None = None) -> ModelFlops:
+def count_flops(
+    model: Union[VisionTransformer, ViTConfig],
+    batch_size: int = 1,
+    label: str | None = None,
+    tokens: Sequence[int] | None = None,
+) -> ModelFlops:
     """Operations of one forward pass of a bspf_ext ViT/DeiT (or of its config) on
-    `batch_size` images, per layer and in total (see the module doc for the rules)."""
+    `batch_size` images, per layer and in total (see the module doc for the rules).
+
+    `tokens` gives the sequence length each block runs on, for models whose token count
+    shrinks (token pruning); None means every block sees all config.num_tokens tokens."""
     config = model.config if isinstance(model, VisionTransformer) else model
     if not isinstance(config, ViTConfig):
         raise TypeError(f"model must be a bspf_ext VisionTransformer or a ViTConfig, got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if tokens is None:
+        tokens = [config.num_tokens] * config.depth
+    tokens = [int(t) for t in tokens]
+    if len(tokens) != config.depth or any(not 1 <= t <= config.num_tokens for t in tokens):
+        raise ValueError(
+            f"tokens must give {config.depth} sequence lengths in [1, {config.num_tokens}], got {tokens!r}"
+        )
     c, patches = config.embed_dim, config.grid_size**2
     embed = _linear(batch_size * patches, config.in_chans * config.patch_size**2, c) + batch_size * config.num_tokens * c
-    head = batch_size * config.num_tokens * c * LAYERNORM_OPS_PER_ELEMENT  # the final norm runs on every token
+    head = batch_size * tokens[-1] * c * LAYERNORM_OPS_PER_ELEMENT  # the final norm runs on every token
     if config.num_classes:
         head += _linear(batch_size, c, config.num_classes)
-    layers = [_layer_flops(config, i, batch_size) for i in range(config.depth)]
+    layers = [_layer_flops(config, i, batch_size, tokens[i]) for i in range(config.depth)]
     if label is None:
         label = config.attention if config.attention_layers is None else f"{config.attention}@{list(config.attention_layers)}"
     return ModelFlops(label, config, batch_size, embed, layers, head)

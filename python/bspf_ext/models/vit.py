@@ -177,9 +177,23 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.drop_rate)
         self.drop_path2 = DropPath(drop_path)
+        self.attention = attention
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
+    @property
+    def supports_key_mask(self) -> bool:
+        """Whether forward can hide tokens from attention (dense attention only: BSPF and
+        chunk attention decide their own masks)."""
+        return self.attention == "dense"
+
+    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+        """x (B, N, C); key_mask (B, N) bool, False = no query may attend to that token."""
+        if key_mask is None:
+            attended = self.attn(self.norm1(x))
+        elif not self.supports_key_mask:
+            raise ValueError(f"key_mask needs dense attention; this block uses {self.attention!r}")
+        else:
+            attended = self.attn(self.norm1(x), attn_mask=key_mask[:, None, None, :])
+        x = x + self.drop_path1(attended)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 

@@ -85,7 +85,12 @@ class SelectiveGate(nn.Module):
 
 def takes_key_mask(block: nn.Module) -> bool:
     """Whether block.forward accepts `key_mask`: a (B, N) bool, True = the token may be
-    attended to. Such a block must let no query attend to a token whose key_mask is False."""
+    attended to. Such a block must let no query attend to a token whose key_mask is False.
+    A block may say so itself with a `supports_key_mask` attribute (bspf_ext's ViT blocks
+    do: only their dense-attention blocks can hide keys)."""
+    supported = getattr(block, "supports_key_mask", None)
+    if supported is not None:
+        return bool(supported)
     try:
         parameters = inspect.signature(block.forward).parameters
     except (TypeError, ValueError):
