@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._ops import block_symmetric_attention
+from ._ops import block_mask, block_symmetric_attention
 from ._validation import check_block_size, check_fuse, check_keep_ratio
 
 __all__ = ["BlockSymmetricAttention", "DenseAttention", "ChunkAttention", "score_kernel_from_theta", "SCORINGS"]
@@ -220,10 +220,26 @@ class BlockSymmetricAttention(nn.Module):
         center[1, 1] = 1.0
         return center
 
+    def shared_qk(self, x: Tensor) -> Tensor:
+        """The shared query/key vectors of tokens x (B, N, C), as (B, heads, N, head_dim)."""
+        b, n, _ = x.shape
+        return self.qk_norm(self.qk(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2))
+
+    @torch.no_grad()
+    def keep_mask(self, x: Tensor) -> Tensor:
+        """The keep mask this layer chooses for tokens x (B, N, C): (B, heads, N, N) bool."""
+        qk = self.shared_qk(x)
+        if qk.device.type == "cpu" and qk.dtype not in (torch.float32, torch.float64):
+            qk = qk.float()
+        return block_mask(
+            qk, self.score_kernel(qk.dtype, qk.device), block_size=self.block_size,
+            keep_ratio=self.keep_ratio, scale=self.scale,
+        )
+
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         _check_no_attn_mask(attn_mask, is_causal)
         b, n, c = x.shape
-        qk = self.qk_norm(self.qk(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2))
+        qk = self.shared_qk(x)
         v = self.v(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         out_dtype = qk.dtype
         compute_dtype = qk.dtype
