@@ -1,0 +1,168 @@
+"""The `bspf-ext` command (also `python -m bspf_ext`): demo, train, eval, viz, bench."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; a flag left out keeps the config file's (or default) value."""
+    from .training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "attention_layers":
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, metavar="LAYER",
+                                help="blocks that use --attention (default: all)")
+        else:
+            kind = {int: int, float: float}.get(hint, str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default: {f.default})")
+
+
+def _config_from_args(args) -> "TrainConfig":
+    from .training import TrainConfig
+
+    values = json.loads(Path(args.config).read_text()) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name)
+        if given is not None:
+            values[f.name] = given
+    return TrainConfig.from_dict(values)
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    demo.run(args.out, epochs=args.epochs, seed=args.seed, device=args.device, variants=args.variants,
+             quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from . import training
+
+    config = _config_from_args(args)
+    result = training.train(config, resume=args.resume, progress=not args.no_progress)
+    if result:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}, indent=2))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from . import training
+
+    result = training.evaluate(args.checkpoint, device=args.device, dataset_split=args.split)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _cmd_viz(args) -> int:
+    from . import training, viz
+
+    if args.checkpoint:
+        state = training.load_checkpoint(args.checkpoint)
+        config = training.TrainConfig.from_dict(state["config"])
+    else:
+        config = _config_from_args(args)
+        state = None
+    if config.attention != "bspf":
+        raise SystemExit(f"viz draws BSPF keep masks; the model's attention is {config.attention!r}")
+    data = training.load_dataset(config)
+    model = training.build_model(config, data.num_classes, data.in_chans)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    if args.image:
+        image = viz.load_image(args.image, config.image_size, data.in_chans)
+        title = f"{args.image}"
+    else:
+        image = data.test.tensors[0][args.sample]
+        title = f"{config.dataset} test sample {args.sample} (label {int(data.test.tensors[1][args.sample])})"
+    path = viz.draw_image_report(model, image, args.out, title=title, layer=args.layer, head=args.head)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from . import benchmark
+
+    print(benchmark.format_rows(benchmark.compare_with_dense(
+        batch=args.batch, heads=args.heads, seqlen=args.seqlen, head_dim=args.head_dim,
+        block_size=args.block_size, keep_ratio=args.keep_ratio, repeats=args.repeats,
+        device=args.device, backward=not args.forward_only)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bspf-ext", description="BSPF attention for vision transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train dense, chunk and BSPF micro ViTs (and ablations), compare, draw")
+    demo.add_argument("--out", default="runs/demo", help="folder for checkpoints, results and the figure")
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--variants", nargs="+", default=None, help="a subset of the runs, by name")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run on tiny data")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train one model from a config (JSON file and/or flags)")
+    train.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
+    train.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt if present")
+    train.add_argument("--no-progress", action="store_true")
+    _add_config_flags(train)
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="accuracy, throughput and FLOPs of a checkpoint")
+    ev.add_argument("checkpoint", help="checkpoint file or the run's out_dir")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--split", choices=["test", "train"], default="test")
+    ev.add_argument("--json", help="also write the result to this file")
+    ev.set_defaults(func=_cmd_eval)
+
+    viz = sub.add_parser("viz", help="keep mask and token usage of a BSPF model for an image")
+    viz.add_argument("--checkpoint", help="a trained BSPF checkpoint (default: an untrained model from the flags)")
+    viz.add_argument("--image", help="an image file (PNG); default: an embedded test sample")
+    viz.add_argument("--sample", type=int, default=0, help="index of the embedded test sample")
+    viz.add_argument("--layer", type=int, default=0, help="which BSPF layer's mask to draw")
+    viz.add_argument("--head", type=int, default=0)
+    viz.add_argument("--out", default="bspf-viz.png")
+    viz.add_argument("--config", help="JSON config for the untrained model")
+    _add_config_flags(viz)
+    viz.set_defaults(func=_cmd_viz)
+
+    bench = sub.add_parser("bench", help="time the operator against dense attention at one shape")
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--heads", type=int, default=6)
+    bench.add_argument("--seqlen", type=int, default=197)
+    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--block-size", type=int, default=16)
+    bench.add_argument("--keep-ratio", type=float, default=0.5)
+    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--forward-only", action="store_true")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"bspf-ext {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,137 @@
+"""Pictures: the keep mask a BSPF layer chooses for an image, how much each patch is used
+as a key across layers and heads, and accuracy against FLOPs for a comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .nn import BlockSymmetricAttention
+
+__all__ = ["keep_masks", "token_usage", "load_image", "draw_image_report", "draw_comparison"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@torch.no_grad()
+def keep_masks(model: torch.nn.Module, image: Tensor) -> list[Tensor]:
+    """The keep mask of every BSPF layer for one image (C, H, W): a list of (heads, N, N) bool."""
+    layers = [m for m in model.modules() if isinstance(m, BlockSymmetricAttention)]
+    if not layers:
+        raise ValueError("the model has no BSPF attention layer to draw")
+    captured: list[Tensor] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args: captured.append(module.keep_mask(args[0])[0]))
+        for layer in layers
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        model(image[None].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return [mask.cpu() for mask in captured]
+
+
+def token_usage(masks: Sequence[Tensor]) -> Tensor:
+    """Fraction of queries that keep each token as a key, averaged over layers and heads: (N,)."""
+    return torch.stack([mask.float().mean(dim=-2).mean(dim=0) for mask in masks]).mean(dim=0)
+
+
+def load_image(path, image_size: int, in_chans: int = 1) -> Tensor:
+    """An image file as a (in_chans, image_size, image_size) float tensor in [0, 1]."""
+    import matplotlib.image as mpimg
+
+    array = mpimg.imread(str(path))
+    image = torch.as_tensor(array, dtype=torch.float32)
+    if image.max() > 1.0:
+        image = image / 255.0
+    if image.dim() == 2:
+        image = image[..., None]
+    image = image[..., :3].permute(2, 0, 1)  # drop alpha
+    if in_chans == 1:
+        image = image.mean(dim=0, keepdim=True)
+    elif image.shape[0] == 1:
+        image = image.expand(in_chans, -1, -1)
+    return torch.nn.functional.interpolate(image[None], size=(image_size, image_size), mode="bilinear")[0].clamp(0, 1)
+
+
+def draw_image_report(model, image: Tensor, path, *, title: str = "", layer: int = 0, head: int = 0) -> Path:
+    """Three panels: the image, one layer/head's keep mask, and the token-usage heatmap."""
+    plt = _pyplot()
+    masks = keep_masks(model, image)
+    usage = token_usage(masks)
+    grid = int(round((usage.numel() - 1) ** 0.5))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    shown = image.permute(1, 2, 0).squeeze(-1).numpy()
+    axes[0].imshow(shown, cmap="gray" if image.shape[0] == 1 else None)
+    axes[0].set_title("input")
+    layer = min(layer, len(masks) - 1)
+    axes[1].imshow(masks[layer][head].numpy(), cmap="Greys", interpolation="nearest")
+    axes[1].set_title(f"keep mask, BSPF layer {layer}, head {head}")
+    axes[1].set_xlabel("key token")
+    axes[1].set_ylabel("query token")
+    heat = axes[2].imshow(usage[1:].reshape(grid, grid).numpy(), cmap="viridis")
+    axes[2].set_title("token usage as a key (layers × heads mean)")
+    fig.colorbar(heat, ax=axes[2], fraction=0.046)
+    for ax in (axes[0], axes[2]):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_comparison(rows: Sequence[dict], path, *, model=None, image: Tensor | None = None, title: str = "") -> Path:
+    """Accuracy against attention FLOPs for each run; with a BSPF model and an image, also its
+    keep mask and token usage."""
+    plt = _pyplot()
+    panels = 3 if model is not None and image is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    for row in rows:
+        ax.scatter(row["attention_flops"] / 1e6, 100 * row["accuracy"], s=40)
+        ax.annotate(row["name"], (row["attention_flops"] / 1e6, 100 * row["accuracy"]), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("attention MFLOPs per image")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "accuracy against attention FLOPs")
+    ax.grid(alpha=0.3)
+    if panels == 3:
+        masks = keep_masks(model, image)
+        usage = token_usage(masks)
+        grid = int(round((usage.numel() - 1) ** 0.5))
+        axes[0, 1].imshow(masks[0][0].numpy(), cmap="Greys", interpolation="nearest")
+        axes[0, 1].set_title("BSPF keep mask (layer 0, head 0)")
+        axes[0, 1].set_xlabel("key token")
+        axes[0, 1].set_ylabel("query token")
+        shown = image.permute(1, 2, 0).squeeze(-1).numpy()
+        axes[0, 2].imshow(shown, cmap="gray", extent=(0, grid, grid, 0))
+        axes[0, 2].imshow(usage[1:].reshape(grid, grid).numpy(), cmap="viridis", alpha=0.6, extent=(0, grid, grid, 0))
+        axes[0, 2].set_title("token usage as a key, over the image")
+        axes[0, 2].set_xticks([])
+        axes[0, 2].set_yticks([])
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
