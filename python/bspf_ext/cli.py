@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train dense, chunk and BSPF micro ViTs (and ablations), compare, draw")
     demo.add_argument("--out", default="runs/demo", help="folder for checkpoints, results and the figure")
-    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--variants", nargs="+", default=None, help="a subset of the runs, by name")

@@ -37,7 +37,7 @@ def base_config(out_dir: Path, epochs: int, seed: int, device: str, quick: bool 
         dataset="digit-pairs",
         image_size=32,
         patch_size=4,
-        train_size=6000,
+        train_size=5000,
         test_size=1500,
         model="micro",
         block_size=16,
@@ -96,7 +96,7 @@ def _training_free(name: str, trained: TrainConfig, changes: dict) -> dict:
     return result
 
 
-def run(out_dir="runs/demo", *, epochs: int = 8, seed: int = 0, device: str = "auto", variants=None,
+def run(out_dir="runs/demo", *, epochs: int = 6, seed: int = 0, device: str = "auto", variants=None,
         quick: bool = False, progress: bool = True, log=print) -> list[dict]:
     out_dir = Path(out_dir)
     names = list(VARIANTS) + list(TRAINING_FREE) if variants is None else list(variants)

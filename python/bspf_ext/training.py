@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import data as datasets
 from .models import ATTENTIONS, ViTConfig, VisionTransformer, count_flops
-from .pruning import SimilarityPrunedBlocks, dynamic_keep_ratio_loss, gate_blocks, gate_masks
+from .pruning import (
+    SimilarityPatchPruning,
+    SimilarityPrunedBlocks,
+    dynamic_keep_ratio_loss,
+    gate_blocks,
+    gate_masks,
+)
 from .reference import keep_count
 
 __all__ = ["TrainConfig", "MODEL_SIZES", "build_model", "train", "evaluate", "load_checkpoint"]
@@ -175,8 +181,11 @@ def apply_pruning(model: VisionTransformer, config: TrainConfig) -> VisionTransf
         return model
     layers = _prune_layers(config, len(model.blocks))
     if config.pruning == "similarity":
-        ratios = {i: config.prune_keep_ratio for i in layers}
-        model.blocks = SimilarityPrunedBlocks(list(model.blocks), ratios, has_class_token=True)
+        if 0 in layers:  # before the first block: scored on the bare patch projection
+            model.patch_pruning = SimilarityPatchPruning(config.prune_keep_ratio, has_class_token=True)
+        later = {i: config.prune_keep_ratio for i in layers if i != 0}
+        if later:
+            model.blocks = SimilarityPrunedBlocks(list(model.blocks), later, has_class_token=True)
     else:
         model.blocks = nn.Sequential(*gate_blocks(model.blocks, model.config.embed_dim, layers))
     return model

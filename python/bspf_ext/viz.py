@@ -81,7 +81,7 @@ def draw_image_report(model, image: Tensor, path, *, title: str = "", layer: int
     axes[0].set_title("input")
     layer = min(layer, len(masks) - 1)
     axes[1].imshow(masks[layer][head].numpy(), cmap="Greys", interpolation="nearest")
-    axes[1].set_title(f"keep mask, BSPF layer {layer}, head {head}")
+    axes[1].set_title(f"keep mask, BSPF layer {layer}, head {head} (black: kept)")
     axes[1].set_xlabel("key token")
     axes[1].set_ylabel("query token")
     heat = axes[2].imshow(usage[1:].reshape(grid, grid).numpy(), cmap="viridis")
@@ -107,10 +107,12 @@ def draw_comparison(rows: Sequence[dict], path, *, model=None, image: Tensor | N
     panels = 3 if model is not None and image is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False)
     ax = axes[0, 0]
-    for row in rows:
-        ax.scatter(row["attention_flops"] / 1e6, 100 * row["accuracy"], s=40)
-        ax.annotate(row["name"], (row["attention_flops"] / 1e6, 100 * row["accuracy"]), fontsize=8,
-                    xytext=(4, 3), textcoords="offset points")
+    for index, row in enumerate(rows):
+        point = (row["attention_flops"] / 1e6, 100 * row["accuracy"])
+        ax.scatter(*point, s=40)
+        # Alternate label sides so runs with nearly equal results stay readable.
+        ax.annotate(row["name"], point, fontsize=8, xytext=(5, 4 if index % 2 == 0 else -10),
+                    textcoords="offset points")
     ax.set_xlabel("attention MFLOPs per image")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "accuracy against attention FLOPs")
@@ -120,7 +122,7 @@ def draw_comparison(rows: Sequence[dict], path, *, model=None, image: Tensor | N
         usage = token_usage(masks)
         grid = int(round((usage.numel() - 1) ** 0.5))
         axes[0, 1].imshow(masks[0][0].numpy(), cmap="Greys", interpolation="nearest")
-        axes[0, 1].set_title("BSPF keep mask (layer 0, head 0)")
+        axes[0, 1].set_title("BSPF keep mask, layer 0, head 0 (black: kept)")
         axes[0, 1].set_xlabel("key token")
         axes[0, 1].set_ylabel("query token")
         shown = image.permute(1, 2, 0).squeeze(-1).numpy()

@@ -214,6 +214,10 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes else nn.Identity()
+        # Optional token pruning before the first block: a module called as
+        # patch_pruning(tokens, score_tokens=...) -> fewer tokens, class token first
+        # (bspf_ext.pruning.SimilarityPatchPruning). No parameters of its own are expected.
+        self.patch_pruning: Optional[nn.Module] = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -226,9 +230,13 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def forward_features(self, images: Tensor) -> Tensor:
-        x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
+        patches = self.patch_embed(images)
+        tokens = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+        x = self.pos_drop(tokens + self.pos_embed)
+        if self.patch_pruning is not None:
+            # Scored on the bare patch projection, as similarity pruning prescribes: the
+            # position embedding would make every patch look different from the others.
+            x = self.patch_pruning(x, score_tokens=tokens)
         return self.norm(self.blocks(x))
 
     def forward(self, images: Tensor) -> Tensor:
