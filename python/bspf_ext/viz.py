@@ -69,35 +69,49 @@ def load_image(path, image_size: int, in_chans: int = 1) -> Tensor:
     return torch.nn.functional.interpolate(image[None], size=(image_size, image_size), mode="bilinear")[0].clamp(0, 1)
 
 
-def draw_image_report(model, image: Tensor, path, *, title: str = "", layer: int = 0, head: int = 0) -> Path:
-    """Three panels: the image, one layer/head's keep mask, and the token-usage heatmap."""
-    plt = _pyplot()
-    masks = keep_masks(model, image)
-    usage = token_usage(masks)
+def _draw_mask(ax, mask: Tensor, title: str) -> None:
+    ax.imshow(mask.numpy(), cmap="Greys", interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel("key token")
+    ax.set_ylabel("query token")
+
+
+def _draw_usage(ax, image: Tensor, usage: Tensor) -> None:
+    """The patch tokens' usage as a heatmap laid over the image (the class token left out)."""
     grid = int(round((usage.numel() - 1) ** 0.5))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    shown = image.permute(1, 2, 0).squeeze(-1).numpy()
-    axes[0].imshow(shown, cmap="gray" if image.shape[0] == 1 else None)
-    axes[0].set_title("input")
-    layer = min(layer, len(masks) - 1)
-    axes[1].imshow(masks[layer][head].numpy(), cmap="Greys", interpolation="nearest")
-    axes[1].set_title(f"keep mask, BSPF layer {layer}, head {head} (black: kept)")
-    axes[1].set_xlabel("key token")
-    axes[1].set_ylabel("query token")
-    heat = axes[2].imshow(usage[1:].reshape(grid, grid).numpy(), cmap="viridis")
-    axes[2].set_title("token usage as a key (layers × heads mean)")
-    fig.colorbar(heat, ax=axes[2], fraction=0.046)
-    for ax in (axes[0], axes[2]):
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title)
+    extent = (0, grid, grid, 0)
+    ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", extent=extent)
+    ax.imshow(usage[1:].reshape(grid, grid).numpy(), cmap="viridis", alpha=0.6, extent=extent)
+    ax.set_title("how often each patch is kept as a key")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _save(fig, path) -> Path:
+    plt = _pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def draw_image_report(model, image: Tensor, path, *, title: str = "", layer: int = 0, head: int = 0) -> Path:
+    """Three panels: the image, one layer/head's keep mask, and the token-usage heatmap."""
+    plt = _pyplot()
+    masks = keep_masks(model, image)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    axes[0].imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if image.shape[0] == 1 else None)
+    axes[0].set_title("input")
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    layer = min(layer, len(masks) - 1)
+    _draw_mask(axes[1], masks[layer][head], f"keep mask, BSPF layer {layer}, head {head} (black: kept)")
+    _draw_usage(axes[2], image, token_usage(masks))
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
 
 
 def draw_comparison(rows: Sequence[dict], path, *, model=None, image: Tensor | None = None, title: str = "") -> Path:
@@ -119,21 +133,6 @@ def draw_comparison(rows: Sequence[dict], path, *, model=None, image: Tensor | N
     ax.grid(alpha=0.3)
     if panels == 3:
         masks = keep_masks(model, image)
-        usage = token_usage(masks)
-        grid = int(round((usage.numel() - 1) ** 0.5))
-        axes[0, 1].imshow(masks[0][0].numpy(), cmap="Greys", interpolation="nearest")
-        axes[0, 1].set_title("BSPF keep mask, layer 0, head 0 (black: kept)")
-        axes[0, 1].set_xlabel("key token")
-        axes[0, 1].set_ylabel("query token")
-        shown = image.permute(1, 2, 0).squeeze(-1).numpy()
-        axes[0, 2].imshow(shown, cmap="gray", extent=(0, grid, grid, 0))
-        axes[0, 2].imshow(usage[1:].reshape(grid, grid).numpy(), cmap="viridis", alpha=0.6, extent=(0, grid, grid, 0))
-        axes[0, 2].set_title("token usage as a key, over the image")
-        axes[0, 2].set_xticks([])
-        axes[0, 2].set_yticks([])
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _draw_mask(axes[0, 1], masks[0][0], "BSPF keep mask, layer 0, head 0 (black: kept)")
+        _draw_usage(axes[0, 2], image, token_usage(masks))
+    return _save(fig, path)
