@@ -84,23 +84,24 @@ inline void copy_exact(const float* src, int64_t width, float* dst) {
   if (k < width) _mm256_maskstore_ps(dst + k, _mm256_castps_si256(lane_mask(width - k)), _mm256_loadu_ps(src + k));
 }
 
-// exp(x) to about 2 ulp (Cephes' polynomial); inputs below -88.38 give 0.
+// exp(x) to about 2 ulp (measured over [-87, 88]); inputs below -88 give 0 or a value
+// below 1e-38. Rounding to the nearest integer n = round(x · log2 e) by adding 1.5 · 2^23
+// leaves n in the low mantissa bits, which become 2^n's exponent field directly; e^r on
+// |r| ≤ ln2 / 2 is 1 + r + r² · q(r) with a degree-4 q fitted for relative error.
 inline __m256 exp256(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-  e = _mm256_slli_epi32(e, 23);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.0f));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: n · hi is exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.357120811007917e-3f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.372687734663486e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.167356714606285e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666479408740997e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.9999967217445374e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
@@ -399,6 +400,85 @@ inline int64_t count_at_least(const int32_t* keys, int64_t count, int32_t thresh
   return count - hsum_epi32(_mm256_add_epi32(below0, below1));
 }
 
+inline int32_t hmin_epi32(__m256i v) {
+  __m128i s = _mm_min_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_min_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_min_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline int32_t hmax_epi32(__m256i v) {
+  __m128i s = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_max_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_max_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// order_key for one float, and back (for keys of finite floats).
+inline int32_t key_of(float value) {
+  value += 0.0f;  // -0 → +0
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits < 0 ? bits ^ 0x7FFFFFFF : bits;
+}
+inline float value_of(int32_t key) {
+  const int32_t bits = key < 0 ? key ^ 0x7FFFFFFF : key;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// Looks for the k-th largest of `real` keys (the others are padding) by searching the
+// score values between the smallest and largest key: steps alternate between linear
+// interpolation on the counts (scores are smooth, so a few steps usually land between
+// the k-th and the (k+1)-th) and bisection (a bound on the bad cases). On success
+// *threshold is either a key with exactly k keys at or above it (*at_least = k), or the
+// k-th largest key itself (ties at it; *at_least > k). Returns false, to fall back on the
+// bisection over key bits, when a score is not finite or the search runs long.
+bool search_by_value(const int32_t* keys, int64_t count, int64_t real, int64_t k, int32_t lowest_key,
+                     int32_t highest_key, int32_t* threshold, int64_t* at_least) {
+  const float lowest = value_of(lowest_key), highest = value_of(highest_key);
+  const float inf = __builtin_inff();
+  if (!(lowest > -inf && highest < inf)) return false;  // also NaN, which ranks as -inf
+  if (real <= k) return false;
+  double lo = lowest, hi = highest;  // count(≥ lo) = c_lo ≥ k; count(≥ hi) = c_hi, < k unless lo = hi
+  int64_t c_lo = real, c_hi = count_at_least(keys, count, highest_key);
+  if (c_hi >= k) {  // the maximum itself is the k-th largest (ties at the top)
+    *threshold = highest_key;
+    *at_least = c_hi;
+    return true;
+  }
+  for (int step = 0; step < 24; ++step) {
+    double t = step % 2 == 0 ? lo + (hi - lo) * ((static_cast<double>(c_lo - k) - 0.5) / static_cast<double>(c_lo - c_hi))
+                             : lo + (hi - lo) * 0.5;
+    float candidate = static_cast<float>(t);
+    if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
+      candidate = static_cast<float>(lo + (hi - lo) * 0.5);
+      if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
+        // lo and hi are adjacent floats: lo is the k-th largest score.
+        *threshold = key_of(static_cast<float>(lo));
+        *at_least = c_lo;
+        return true;
+      }
+    }
+    const int32_t key = key_of(candidate);
+    const int64_t c = count_at_least(keys, count, key);
+    if (c == k) {
+      *threshold = key;
+      *at_least = k;
+      return true;
+    }
+    if (c > k) {
+      lo = candidate;
+      c_lo = c;
+    } else {
+      hi = candidate;
+      c_hi = c;
+    }
+  }
+  return false;
+}
+
 // Scores one upper block (SPEC §3.2: 3×3 conv of its logits, zero outside the block),
 // keeps its k best (§3.3) and returns the kept bits per row in `row_bits` and per column
 // (the mirrored block's rows) in `col_bits`.
@@ -427,13 +507,21 @@ void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t ro
   __m256 w[9];
   for (int e = 0; e < 9; ++e) w[e] = _mm256_set1_ps(kernel[e]);
   const __m256i padding = _mm256_set1_epi32(INT_MIN);  // below every real key
+  __m256i lowest = _mm256_set1_epi32(INT_MAX), highest = padding;
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < sp; j += kLanes) {
       __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(tile + i * ts + j));
       for (int e = 1; e < 9; ++e)
         s = _mm256_fmadd_ps(w[e], _mm256_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
       __m256i key = order_key(s);
-      if (j + kLanes > cols) key = _mm256_blendv_epi8(padding, key, _mm256_castps_si256(lane_mask(cols - j)));
+      highest = _mm256_max_epi32(highest, key);
+      if (j + kLanes > cols) {
+        const __m256i real = _mm256_castps_si256(lane_mask(cols - j));
+        lowest = _mm256_min_epi32(lowest, _mm256_blendv_epi8(_mm256_set1_epi32(INT_MAX), key, real));
+        key = _mm256_blendv_epi8(padding, key, real);
+      } else {
+        lowest = _mm256_min_epi32(lowest, key);
+      }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), key);
     }
 
@@ -442,18 +530,23 @@ void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t ro
     for (int64_t j = 0; j < sp; j += kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), padding);
 
   const int64_t count = rp * sp;
-  // Bisection in unsigned key space (u = key ^ 2^31): the largest u with ≥ k keys at or above it.
-  uint32_t u = 0;
-  int64_t at_least = count;
-  for (int bit = 31; bit >= 0 && at_least != k; --bit) {
-    const uint32_t candidate = u | (uint32_t{1} << bit);
-    const int64_t c = count_at_least(keys, count, static_cast<int32_t>(candidate ^ 0x80000000u));
-    if (c >= k) {
-      u = candidate;
-      at_least = c;
+  int32_t threshold = 0;
+  int64_t at_least = 0;
+  if (!search_by_value(keys, count, rows * cols, k, hmin_epi32(lowest), hmax_epi32(highest), &threshold,
+                       &at_least)) {
+    // Bisection in unsigned key space (u = key ^ 2^31): the largest u with ≥ k keys at or above it.
+    uint32_t u = 0;
+    at_least = count;
+    for (int bit = 31; bit >= 0 && at_least != k; --bit) {
+      const uint32_t candidate = u | (uint32_t{1} << bit);
+      const int64_t c = count_at_least(keys, count, static_cast<int32_t>(candidate ^ 0x80000000u));
+      if (c >= k) {
+        u = candidate;
+        at_least = c;
+      }
     }
+    threshold = static_cast<int32_t>(u ^ 0x80000000u);
   }
-  const int32_t threshold = static_cast<int32_t>(u ^ 0x80000000u);
   if (at_least == k) {
     // Exactly the keys ≥ threshold (> INT_MIN, so padding never counts). The mirror's
     // bits come from the same test on the transposed keys.
@@ -603,34 +696,6 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
 
 // ---------------------------------------------------------------- probabilities
 
-// Row i of P up to its normaliser: exp(L − max) over the N real columns, 0 in the
-// padding, written in place. Returns lse_i; *inv_sum = 1 / Σ_j exp(L − max), the factor
-// that turns the row into P (applied later, when the row is read anyway).
-float softmax_row(const Geometry& g, float* row, float* inv_sum) {
-  const int64_t full = g.n / kLanes * kLanes;
-  const __m256 tail = lane_mask(g.n - full);
-  const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
-  __m256 mx = neg_inf;
-  for (int64_t j = 0; j < full; j += kLanes) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + j));
-  if (full < g.n) mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(row + full), tail));
-  const float row_max = hmax(mx);
-  const __m256 vmax = _mm256_set1_ps(row_max);
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t j = 0; j < full; j += kLanes) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmax));
-    _mm256_storeu_ps(row + j, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  if (full < g.ld) {
-    const __m256 e = _mm256_and_ps(tail, exp256(_mm256_sub_ps(_mm256_loadu_ps(row + full), vmax)));
-    _mm256_storeu_ps(row + full, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  const float total = hsum(sum);
-  *inv_sum = 1.0f / total;
-  return row_max + __builtin_logf(total);
-}
-
 // Row i of P recomputed from saved lse_i (the backward): exp(L − lse_i), 0 in the padding.
 void probs_row(const Geometry& g, float* row, float lse) {
   const __m256 vlse = _mm256_set1_ps(lse);
@@ -677,13 +742,38 @@ inline void for_each_fused_entry(const Geometry& g, int64_t i, const uint64_t* w
 
 inline int64_t bitmap_words(const Geometry& g) { return g.ld / 64 + 1; }
 
+// Row i moves share · H · source(j) to row b(i) on the columns j it prunes and b(i) keeps
+// (SPEC §3.7; its own chunk is kept by both rows, so it never moves). H is constant per
+// column chunk: spread share · H over `similarity` (ld + 64 floats), then add the moved
+// entries 8 at a time. Returns the sum added to `target`.
+float fuse_row(const Geometry& g, const uint64_t* wi, const uint64_t* wp, const uint64_t* own_bitmap,
+               const uint64_t* other_bitmap, float share, const float* source, float* target, float* similarity) {
+  for (int64_t c = 0; c < g.chunks; ++c) {
+    // In increasing c: each store's spill past its chunk is overwritten by the next one.
+    const __m256 h = _mm256_set1_ps(share * g.similarity(c, __builtin_popcountll(wi[c] ^ wp[c])));
+    for (int64_t j = g.begin(c); j < g.begin(c) + g.size(c); j += kLanes) _mm256_storeu_ps(similarity + j, h);
+  }
+  __m256 added = _mm256_setzero_ps();
+  // Branch-free: skipping all-zero bytes mispredicts more than it saves.
+  uint64_t moved = 0;
+  for (int64_t j = 0; j < g.ld; j += kLanes) {
+    if (j % 64 == 0) moved = other_bitmap[j / 64] & ~own_bitmap[j / 64];
+    const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
+                                       _mm256_mul_ps(_mm256_loadu_ps(similarity + j), _mm256_loadu_ps(source + j)));
+    moved >>= 8;
+    _mm256_storeu_ps(target + j, _mm256_add_ps(_mm256_loadu_ps(target + j), value));
+    added = _mm256_add_ps(added, value);
+  }
+  return hsum(added);
+}
+
 // Rows of chunk m of R = P ⊙ M + F (SPEC §3.8) into `weights` (row r = token begin(m) + r)
-// and their sums Z into row_sum[r]. P row i is probs row i times row_scale[i − begin(m)]
-// (all 1 when row_scale is null). Fusion stays inside the chunk (b(i) is in it).
-// Scratch: `bitmaps` holds Ω · bitmap_words(g) words, `similarity` ld + 64 floats.
-void chunk_weights(const Geometry& g, int64_t m, const float* probs, const float* row_scale, const uint64_t* words,
-                   const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps, float* similarity,
-                   float* weights, float* row_sum) {
+// and their sums Z into row_sum[r] (the backward, from P). Fusion stays inside the chunk
+// (b(i) is in it). Scratch: `bitmaps` holds Ω · bitmap_words(g) words, `similarity`
+// ld + 64 floats.
+void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint64_t* words, const int32_t* match,
+                   const float* rho, bool fuse, uint64_t* bitmaps, float* similarity, float* weights,
+                   float* row_sum) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
@@ -691,51 +781,88 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const float
     row_bitmap(g, words + i * g.chunks, bitmap);
     const float* p = probs + i * g.ld;
     float* w = weights + r * g.ld;
-    const __m256 scale = _mm256_set1_ps(row_scale ? row_scale[r] : 1.0f);
     __m256 sum = _mm256_setzero_ps();
     uint64_t bits = 0;
     for (int64_t j = 0; j < g.ld; j += kLanes) {
       if (j % 64 == 0) bits = bitmap[j / 64];
       const __m256 kept = _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), _mm256_loadu_ps(p + j));
       bits >>= 8;
-      const __m256 value = _mm256_mul_ps(scale, kept);
-      _mm256_storeu_ps(w + j, value);
-      sum = _mm256_add_ps(sum, value);
+      _mm256_storeu_ps(w + j, kept);
+      sum = _mm256_add_ps(sum, kept);
     }
     row_sum[r] = hsum(sum);
   }
   if (!fuse) return;
-  // Row i moves ρ_i · H · P(i, j) to row b(i) on the columns it prunes and b(i) keeps
-  // (its own chunk is kept by both rows, so it never moves). H is constant per column
-  // chunk: spread share · H over the row, then add the moved entries 8 at a time.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r, target_row = match[i] - r0;
     if (target_row == r || !(rho[i] > 0.0f)) continue;
-    const uint64_t* own = bitmaps + r * bw;
-    const uint64_t* other = bitmaps + target_row * bw;
-    const float share = rho[i] * (row_scale ? row_scale[r] : 1.0f);
-    const uint64_t* wi = words + i * g.chunks;
-    const uint64_t* wp = words + match[i] * g.chunks;
-    for (int64_t c = 0; c < g.chunks; ++c) {
-      // In increasing c: each store's spill past its chunk is overwritten by the next one.
-      const __m256 h = _mm256_set1_ps(share * g.similarity(c, __builtin_popcountll(wi[c] ^ wp[c])));
-      for (int64_t j = g.begin(c); j < g.begin(c) + g.size(c); j += kLanes) _mm256_storeu_ps(similarity + j, h);
-    }
-    float* target = weights + target_row * g.ld;
-    const float* source = probs + i * g.ld;
-    __m256 added = _mm256_setzero_ps();
-    // Branch-free: skipping all-zero bytes mispredicts more than it saves.
-    uint64_t moved = 0;
+    row_sum[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, bitmaps + r * bw,
+                                    bitmaps + target_row * bw, rho[i], probs + i * g.ld,
+                                    weights + target_row * g.ld, similarity);
+  }
+}
+
+// The forward's rows of chunk m, in place in the logits square. With E_i = exp(L_i − max_i)
+// (0 in the padding), P_i = E_i / T_i and T_i = Σ_j E_i(j), row i becomes R'_i = T_i · R_i:
+// E_i on its kept entries, 0 on its pruned ones (the A·V tiles read both), plus the fusion
+// of SPEC §3.7 in the row's own units. Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j).
+// One exp per entry: the kept sum is taken in the same pass; the fusion reads the full
+// E rows from `exps` (Ω × ld floats). Saves lse_i and Z_i. Scratch: `bitmaps` holds
+// Ω · bitmap_words(g) words (left holding the rows' masks), `similarity` ld + 64 floats.
+void chunk_forward_rows(const Geometry& g, int64_t m, float* logits, const uint64_t* words, const int32_t* match,
+                        const float* rho, bool fuse, uint64_t* bitmaps, float* similarity, float* exps, float* lse,
+                        float* row_sum, float* alpha) {
+  const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
+  const int64_t full = g.n / kLanes * kLanes;
+  const __m256 tail = lane_mask(g.n - full);
+  const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
+  float total[64], kept[64];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r0 + r;
+    uint64_t* bitmap = bitmaps + r * bw;
+    row_bitmap(g, words + i * g.chunks, bitmap);
+    float* row = logits + i * g.ld;
+    float* full_row = exps + r * g.ld;
+    __m256 mx[4] = {neg_inf, neg_inf, neg_inf, neg_inf};  // independent chains: the row is short
+    int64_t j = 0;
+    for (; j + 4 * kLanes <= full; j += 4 * kLanes)
+      for (int u = 0; u < 4; ++u) mx[u] = _mm256_max_ps(mx[u], _mm256_loadu_ps(row + j + u * kLanes));
+    for (; j < full; j += kLanes) mx[0] = _mm256_max_ps(mx[0], _mm256_loadu_ps(row + j));
+    if (full < g.n) mx[1] = _mm256_max_ps(mx[1], _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(row + full), tail));
+    const float row_max = hmax(_mm256_max_ps(_mm256_max_ps(mx[0], mx[1]), _mm256_max_ps(mx[2], mx[3])));
+    const __m256 vmax = _mm256_set1_ps(row_max);
+    __m256 sum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, kept_sum[2] = {sum[0], sum[0]};
+    uint64_t bits = 0;
     for (int64_t j = 0; j < g.ld; j += kLanes) {
-      if (j % 64 == 0) moved = other[j / 64] & ~own[j / 64];
-      const __m256 value =
-          _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
-                        _mm256_mul_ps(_mm256_loadu_ps(similarity + j), _mm256_loadu_ps(source + j)));
-      moved >>= 8;
-      _mm256_storeu_ps(target + j, _mm256_add_ps(_mm256_loadu_ps(target + j), value));
-      added = _mm256_add_ps(added, value);
+      if (j % 64 == 0) bits = bitmap[j / 64];
+      __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmax));
+      if (j + kLanes > g.n) e = _mm256_and_ps(e, lane_mask(g.n - j));
+      const __m256 kept_e = _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), e);
+      bits >>= 8;
+      _mm256_storeu_ps(row + j, kept_e);
+      if (fuse) _mm256_storeu_ps(full_row + j, e);
+      const int u = (j / kLanes) & 1;
+      sum[u] = _mm256_add_ps(sum[u], e);
+      kept_sum[u] = _mm256_add_ps(kept_sum[u], kept_e);
     }
-    row_sum[target_row] += hsum(added);
+    total[r] = hsum(_mm256_add_ps(sum[0], sum[1]));
+    kept[r] = hsum(_mm256_add_ps(kept_sum[0], kept_sum[1]));
+    lse[r] = row_max + __builtin_logf(total[r]);
+  }
+  if (fuse) {
+    // In place: a row's fused-into entries are ones it keeps, its fused-out entries ones it prunes.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = r0 + r, target_row = match[i] - r0;
+      if (target_row == r || !(rho[i] > 0.0f)) continue;
+      const float share = rho[i] * (total[target_row] / total[r]);
+      kept[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, bitmaps + r * bw,
+                                   bitmaps + target_row * bw, share, exps + r * g.ld,
+                                   logits + match[i] * g.ld, similarity);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    row_sum[r] = kept[r] / total[r];
+    alpha[r] = 1.0f / kept[r];
   }
 }
 
@@ -793,17 +920,13 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
 
   // One chunk of rows at a time while its logits are in cache: softmax, weights with
   // fusion, and A·V over the kept entries only.
-  float* inv_z = ws.column.data;
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
-    float inv_sum[64];
-    for (int64_t r = 0; r < rows; ++r) lse[r0 + r] = softmax_row(g, ws.logits.data + (r0 + r) * g.ld, &inv_sum[r]);
-    chunk_weights(g, m, ws.logits.data, inv_sum, words, match, rho, fp.p.fuse, ws.bitmap.data, ws.similarity.data,
-                  ws.chunk.data,
-                  row_sum + r0);
-    for (int64_t i = r0; i < r0 + rows; ++i) inv_z[i] = 1.0f / row_sum[i];
-    sparse_rows(ws.chunk.data, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, ws.v.data, g.dvp, g.dvp, inv_z + r0, rows,
-                ws.lists.data, ws.out_row.data, g.dvp);
+    float alpha[64];
+    chunk_forward_rows(g, m, ws.logits.data, words, match, rho, fp.p.fuse, ws.bitmap.data, ws.similarity.data,
+                       ws.chunk.data, lse + r0, row_sum + r0, alpha);
+    sparse_rows(ws.logits.data + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, ws.v.data, g.dvp, g.dvp,
+                alpha, rows, ws.lists.data, ws.out_row.data, g.dvp);
     copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
   }
   return true;
@@ -844,7 +967,7 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   // A = R / Z, with R rebuilt from P and the saved choices (the forward's own code).
   float recomputed_z[64];  // the saved Z is used instead, as in the portable path
   for (int64_t m = 0; m < C; ++m)
-    chunk_weights(g, m, probs, nullptr, words, match, rho, bp.p.fuse, ws.bitmap.data, ws.similarity.data,
+    chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, ws.bitmap.data, ws.similarity.data,
                   weights + g.begin(m) * ld,
                   recomputed_z);
   std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
