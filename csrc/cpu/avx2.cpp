@@ -25,6 +25,7 @@ namespace bspf::cpu::avx2 {
 namespace {
 
 constexpr int64_t kLanes = 8;
+
 constexpr float kCosEps = 1e-8f;  // cos(x, y) = x·y / max(‖x‖‖y‖, 1e-8)
 
 inline int64_t round_up8(int64_t n) { return (n + 7) & ~int64_t{7}; }
@@ -237,16 +238,43 @@ inline void sparse_pair_tile(const float* coef0, const float* coef1, const int32
   }
 }
 
+// One row: out[0..8·NV) = alpha · Σ_j coef[j] · B[j][0..8·NV) over the listed columns j
+// (the row's kept columns). NV = 8 covers a 64-wide B in one sweep of the list.
+template <int NV>
+inline void sparse_row_tile(const float* coef, const int32_t* list, int64_t count, const float* b, int64_t ldb,
+                            float* out, __m256 alpha) {
+  __m256 acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < count; ++e) {
+    const int64_t j = list[e];
+    const __m256 s = _mm256_broadcast_ss(coef + j);
+    const float* bj = b + j * ldb;
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(s, _mm256_loadu_ps(bj + v * kLanes), acc[v]);
+  }
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + v * kLanes, _mm256_mul_ps(alpha, acc[v]));
+}
+
 // Rows [0, rows) of OUT = diag(alpha) · COEF·B, each row restricted to its kept entries:
 // row r has coefficients coef + r·ldc, its mask as a bitmap at bitmaps + r·bw (ld / 8
 // bytes) and alpha[r] (1 when alpha is null); B is width floats wide (a multiple of 8);
 // OUT row r is out + r·ldo. `lists` is scratch of ((rows + 1) / 2) · (ld + 8) ints.
-// Columns of B in slices of 32 outside, rows in pairs inside: a 32-wide slice of B
-// (25 KB at N = 200) stays in L1 for all rows, where whole rows of B would stream from L2.
+// A 64-wide B goes one row at a time (see below). Otherwise columns of B in slices of 32 outside, rows in pairs inside: a 32-wide slice
+// of B (25 KB at N = 200) stays in L1 for all rows, where whole rows of B would stream
+// from L2.
 void sparse_rows(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_t bw, int64_t ld, const float* b,
                  int64_t ldb, int64_t width, const float* alpha, int64_t rows, int32_t* lists, float* out,
                  int64_t ldo) {
   const int64_t stride = ld + kLanes;
+  if (width == 64) {
+    // One row at a time over exactly its kept columns: no union overhead (~18% more
+    // FMAs at keep 0.5), and the 8 accumulators still hide the FMA latency.
+    for (int64_t r = 0; r < rows; ++r) {
+      int32_t* list = lists;
+      const int64_t count = union_columns(bitmaps + r * bw, bitmaps + r * bw, ld, list);
+      sparse_row_tile<8>(coef + r * ldc, list, count, b, ldb, out + r * ldo, _mm256_set1_ps(alpha ? alpha[r] : 1.0f));
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; r += 2) {
     const int64_t r1 = r + 1 < rows ? r + 1 : r;
     int32_t* list = lists + (r / 2) * stride;
