@@ -146,23 +146,41 @@ void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float*
 // ------------------------------------------------------------------- dense GEMM
 
 // C[0..4)[0..8·NV) = alpha · Σ_k A[r][k] · B[k][0..8·NV): A's entries broadcast, B's rows
-// loaded as vectors. 4×24 accumulators fill 12 of the 16 ymm registers.
+// loaded as vectors. 4×24 accumulators fill 12 of the 16 ymm registers. They are named
+// variables, not an array: GCC kept an accumulator array in registers but also stored
+// all of it to the stack on every iteration, which made the loop store-bound.
 template <int NV>
 inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c,
                       int64_t ldc, __m256 alpha) {
-  __m256 acc[4][NV];
-  for (int r = 0; r < 4; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  static_assert(NV >= 1 && NV <= 3, "4×8, 4×16 or 4×24 tiles");
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
+  __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
   for (int64_t k = 0; k < depth; ++k) {
-    __m256 bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + k * ldb + v * kLanes);
-    for (int r = 0; r < 4; ++r) {
-      const __m256 ar = _mm256_broadcast_ss(a + r * lda + k);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, bv[v], acc[r][v]);
-    }
+    const float* bk = b + k * ldb;
+    const __m256 b0 = _mm256_loadu_ps(bk);
+    const __m256 b1 = NV > 1 ? _mm256_loadu_ps(bk + kLanes) : b0;
+    const __m256 b2 = NV > 2 ? _mm256_loadu_ps(bk + 2 * kLanes) : b0;
+    __m256 x = _mm256_broadcast_ss(a0 + k);
+    c00 = _mm256_fmadd_ps(x, b0, c00);
+    if (NV > 1) c01 = _mm256_fmadd_ps(x, b1, c01);
+    if (NV > 2) c02 = _mm256_fmadd_ps(x, b2, c02);
+    x = _mm256_broadcast_ss(a1 + k);
+    c10 = _mm256_fmadd_ps(x, b0, c10);
+    if (NV > 1) c11 = _mm256_fmadd_ps(x, b1, c11);
+    if (NV > 2) c12 = _mm256_fmadd_ps(x, b2, c12);
+    x = _mm256_broadcast_ss(a2 + k);
+    c20 = _mm256_fmadd_ps(x, b0, c20);
+    if (NV > 1) c21 = _mm256_fmadd_ps(x, b1, c21);
+    if (NV > 2) c22 = _mm256_fmadd_ps(x, b2, c22);
+    x = _mm256_broadcast_ss(a3 + k);
+    c30 = _mm256_fmadd_ps(x, b0, c30);
+    if (NV > 1) c31 = _mm256_fmadd_ps(x, b1, c31);
+    if (NV > 2) c32 = _mm256_fmadd_ps(x, b2, c32);
   }
+  const __m256 rows[4][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
   for (int r = 0; r < 4; ++r)
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + r * ldc + v * kLanes, _mm256_mul_ps(alpha, acc[r][v]));
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + r * ldc + v * kLanes, _mm256_mul_ps(alpha, rows[r][v]));
 }
 
 // Rows [row_begin, row_end) (multiples of 4) of C = alpha · A·B, columns [col_begin(i0), cols)
