@@ -869,15 +869,18 @@ void chunk_forward_rows(const Geometry& g, int64_t m, float* logits, const uint6
     row_bitmap(g, words + i * g.chunks, bitmap);
     float* row = logits + i * g.ld;
     float* full_row = exps + r * g.ld;
-    __m256 mx[4] = {neg_inf, neg_inf, neg_inf, neg_inf};  // independent chains: the row is short
+    // Two independent chains (named variables: GCC keeps small arrays on the stack).
+    __m256 mx0 = neg_inf, mx1 = neg_inf;
     int64_t j = 0;
-    for (; j + 4 * kLanes <= full; j += 4 * kLanes)
-      for (int u = 0; u < 4; ++u) mx[u] = _mm256_max_ps(mx[u], _mm256_loadu_ps(row + j + u * kLanes));
-    for (; j < full; j += kLanes) mx[0] = _mm256_max_ps(mx[0], _mm256_loadu_ps(row + j));
-    if (full < g.n) mx[1] = _mm256_max_ps(mx[1], _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(row + full), tail));
-    const float row_max = hmax(_mm256_max_ps(_mm256_max_ps(mx[0], mx[1]), _mm256_max_ps(mx[2], mx[3])));
+    for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
+      mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(row + j));
+      mx1 = _mm256_max_ps(mx1, _mm256_loadu_ps(row + j + kLanes));
+    }
+    if (j < full) mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(row + j));
+    if (full < g.n) mx1 = _mm256_max_ps(mx1, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(row + full), tail));
+    const float row_max = hmax(_mm256_max_ps(mx0, mx1));
     const __m256 vmax = _mm256_set1_ps(row_max);
-    __m256 sum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, kept_sum[2] = {sum[0], sum[0]};
+    __m256 sum = _mm256_setzero_ps(), kept_sum = sum;
     uint64_t bits = 0;
     for (int64_t j = 0; j < g.ld; j += kLanes) {
       if (j % 64 == 0) bits = bitmap[j / 64];
@@ -887,12 +890,11 @@ void chunk_forward_rows(const Geometry& g, int64_t m, float* logits, const uint6
       bits >>= 8;
       _mm256_storeu_ps(row + j, kept_e);
       if (fuse) _mm256_storeu_ps(full_row + j, e);
-      const int u = (j / kLanes) & 1;
-      sum[u] = _mm256_add_ps(sum[u], e);
-      kept_sum[u] = _mm256_add_ps(kept_sum[u], kept_e);
+      sum = _mm256_add_ps(sum, e);
+      kept_sum = _mm256_add_ps(kept_sum, kept_e);
     }
-    total[r] = hsum(_mm256_add_ps(sum[0], sum[1]));
-    kept[r] = hsum(_mm256_add_ps(kept_sum[0], kept_sum[1]));
+    total[r] = hsum(sum);
+    kept[r] = hsum(kept_sum);
     lse[r] = row_max + __builtin_logf(total[r]);
   }
   if (fuse) {
