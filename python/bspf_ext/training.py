@@ -74,8 +74,8 @@ class TrainConfig:
     prune_layers: Optional[list] = None
     prune_loss_weight: float = 2.0  # svit: weight of the dynamic keep-ratio loss
     epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3
+    batch_size: int = 64
+    lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     seed: int = 0
