@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import platform
 
-import pytest
 import torch
 
 from workloads import MODES, SHAPES, TARGET_RATIO, TARGET_SPEEDUP_OVER_REFERENCE, shape_id

@@ -8,6 +8,10 @@ import json
 import sys
 import typing
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .training import TrainConfig
 
 __all__ = ["main"]
 

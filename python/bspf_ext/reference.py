@@ -155,7 +155,7 @@ def _match_and_rho(qk: torch.Tensor, block_size: int, match: torch.Tensor | None
             match = _match_from_cosine(cos, n, block_size)
     num_chunks, omega = cos.shape[-3], cos.shape[-1]
     # Index the chunk-local cosine table at (i, b(i)).
-    local_match = (match % omega).reshape(*match.shape[:-1], n)
+    local_match = match % omega
     cos_rows = cos.reshape(*cos.shape[:-3], num_chunks * omega, omega)[..., :n, :]
     rho = cos_rows.gather(-1, local_match[..., None]).squeeze(-1).clamp_min(0)
     rho = torch.where(match == torch.arange(n, device=qk.device), torch.zeros_like(rho), rho)
