@@ -1,7 +1,12 @@
 // A minimal fork-join loop over independent work items. Each item is computed by one
 // thread from start to end, so results do not depend on scheduling (bitwise
-// determinism), and the thread count comes from the caller (torch.get_num_threads()),
-// so we never oversubscribe against torch's own pool.
+// determinism), and the thread count comes from the caller (torch.get_num_threads()).
+//
+// The team is the process's OpenMP team when an OpenMP runtime is loaded (torch's, in
+// practice): then our workers ARE torch's workers, so nothing is oversubscribed and
+// torch's threads, still spinning after its last parallel region, pick our work up at
+// once instead of competing with threads of ours for the cores. Without one (the module
+// loaded on its own) it falls back to std::thread.
 #pragma once
 
 #include <algorithm>
@@ -9,10 +14,13 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
-#include <thread>
-#include <vector>
 
 namespace bspf::cpu {
+
+// Runs body(ctx, worker) once on each of `threads` workers (worker 0 is the caller) and
+// returns when all are done. Workers may be fewer than asked (a nested call); every
+// worker index is below `threads`. Defined in parallel.cpp.
+void run_team(int32_t threads, void (*body)(void* ctx, int32_t worker), void* ctx);
 
 // fn(item, worker) for item in [0, items); worker in [0, threads) indexes per-thread scratch.
 template <typename Fn>
@@ -22,24 +30,24 @@ void parallel_for(int64_t items, int32_t num_threads, Fn&& fn) {
     for (int64_t i = 0; i < items; ++i) fn(i, 0);
     return;
   }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_lock;
-  auto work = [&](int32_t worker) {
+  struct Shared {
+    Fn& fn;
+    int64_t items;
+    std::atomic<int64_t> next{0};
+    std::exception_ptr error;
+    std::mutex error_lock;
+  } shared{fn, items};
+  run_team(static_cast<int32_t>(threads), [](void* ctx, int32_t worker) {
+    Shared& s = *static_cast<Shared*>(ctx);
     try {
-      for (int64_t i = next++; i < items; i = next++) fn(i, worker);
+      for (int64_t i = s.next++; i < s.items; i = s.next++) s.fn(i, worker);
     } catch (...) {
-      std::lock_guard<std::mutex> guard(error_lock);
-      if (!error) error = std::current_exception();
-      next = items;
+      std::lock_guard<std::mutex> guard(s.error_lock);
+      if (!s.error) s.error = std::current_exception();
+      s.next = s.items;
     }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int32_t w = 1; w < threads; ++w) pool.emplace_back(work, w);
-  work(0);
-  for (auto& t : pool) t.join();
-  if (error) std::rethrow_exception(error);
+  }, &shared);
+  if (shared.error) std::rethrow_exception(shared.error);
 }
 
 inline int32_t worker_count(int64_t items, int32_t num_threads) {
