@@ -962,7 +962,19 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
 
   load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
               ws);
-  gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, g.n, g.dvp, ws.v.data);
+  // Value rows of a whole number of vectors with unit column stride are read where they
+  // are, and output rows written in place: A·V reads only kept rows of V and writes whole
+  // rows, so the gather and the copy back (a few % of the call) are not needed.
+  const bool in_place = g.dv == g.dvp && fp.v_stride[3] == 1;
+  const float* values = ws.v.data;
+  int64_t ldv = g.dvp;
+  if (in_place) {
+    values = static_cast<const float*>(fp.v) + (pair / fp.p.heads) * fp.v_stride[0] +
+             (pair % fp.p.heads) * fp.v_stride[1];
+    ldv = fp.v_stride[2];
+  } else {
+    gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, g.n, g.dvp, ws.v.data);
+  }
   compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws, words);
   compute_match(g, ws.x.data, ws.logits.data, static_cast<float>(fp.p.scale), ws, match, rho);
 
@@ -973,7 +985,12 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
     float alpha[64];
     chunk_forward_rows(g, m, ws.logits.data, words, match, rho, fp.p.fuse, ws.bitmap.data, ws.similarity.data,
                        ws.chunk.data, lse + r0, row_sum + r0, alpha);
-    sparse_rows(ws.logits.data + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, ws.v.data, g.dvp, g.dvp,
+    if (in_place) {
+      sparse_rows(ws.logits.data + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp,
+                  alpha, rows, ws.lists.data, out + r0 * g.dv, g.dv);
+      continue;
+    }
+    sparse_rows(ws.logits.data + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp,
                 alpha, rows, ws.lists.data, ws.out_row.data, g.dvp);
     copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
   }
