@@ -22,6 +22,8 @@ def pytest_addoption(parser):
 
 def record(benchmark, impl, shape, block_size, mode):
     """Keeps a benchmark's median for the ratio table; adds the ratios known so far as extra_info."""
+    if benchmark.stats is None:  # --benchmark-disable: the bodies ran once, nothing was timed
+        return
     median = benchmark.stats.stats.median
     MEDIANS[(impl, tuple(shape), block_size, mode)] = median
     dense = MEDIANS.get(("sdpa", tuple(shape), None, mode))

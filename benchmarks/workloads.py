@@ -6,8 +6,6 @@ Each workload is a zero-argument callable over fixed inputs, so every implementa
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 
 import bspf_ext
 from bspf_ext import reference
+from bspf_ext.benchmark import interleaved_medians, time_call  # noqa: F401  (the suites' timing)
 
 TARGET_SHAPE = (8, 6, 197, 64)  # DeiT-S attention: (B, H, N, D)
 SHAPES = [(1, 6, 197, 64), TARGET_SHAPE, (64, 6, 197, 64), (4, 12, 577, 64)]
@@ -79,30 +78,3 @@ def workload(impl: str, mode: str, inputs: Inputs, block_size: int = TARGET_BLOC
 
         return run_forward_backward
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-def time_call(fn: Callable[[], None], calls: int = 1) -> float:
-    """Seconds per call, over `calls` back-to-back calls."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
-def interleaved_medians(fns: dict, rounds: int, calls: int = 1, warmup: int = 1) -> dict:
-    """Median seconds per call of each callable, timed in turn within every round so that
-    a noisy neighbour slows them all alike; also the median of the per-round ratios to
-    fns' first entry (robust to load that changes between rounds)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(time_call(fn, calls))
-    first = next(iter(fns))
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    ratios = {
-        name: statistics.median(a / b for a, b in zip(t, times[first])) for name, t in times.items()
-    }
-    return {"median_s": medians, "ratio_to_" + first: ratios}
