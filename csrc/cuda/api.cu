@@ -76,6 +76,15 @@ void require(const void* pointer, const char* name) {
   if (pointer == nullptr) throw std::invalid_argument(std::string("bspf CUDA kernels: ") + name + " is null");
 }
 
+// Every buffer the forward saves for the backward.
+void require_saved(const Saved& saved) {
+  require(saved.mask_words, "mask_words");
+  require(saved.match, "match");
+  require(saved.rho, "rho");
+  require(saved.lse, "lse");
+  require(saved.row_sum, "row_sum");
+}
+
 template <typename Fn>
 void by_dtype(DType dtype, Fn&& fn) {
   switch (dtype) {
@@ -127,11 +136,7 @@ void forward(const ForwardParams& params, int32_t device, std::uintptr_t stream)
   require(params.qk, "qk");
   if (params.p.value_dim > 0) require(params.v, "v");
   require(params.score_kernel, "score_kernel");
-  require(params.saved.mask_words, "mask_words");
-  require(params.saved.match, "match");
-  require(params.saved.rho, "rho");
-  require(params.saved.lse, "lse");
-  require(params.saved.row_sum, "row_sum");
+  require_saved(params.saved);
   if (params.p.value_dim > 0) require(params.out, "out");
   prepare(params.p, device);
   by_dtype(params.p.dtype, [&](auto tag) {
@@ -144,11 +149,7 @@ void backward(const BackwardParams& params, const BackwardWorkspace& workspace, 
   check_problem(params.p);
   if (empty(params.p)) return;
   require(params.qk, "qk");
-  require(params.saved.mask_words, "mask_words");
-  require(params.saved.match, "match");
-  require(params.saved.rho, "rho");
-  require(params.saved.lse, "lse");
-  require(params.saved.row_sum, "row_sum");
+  require_saved(params.saved);
   require(params.grad_qk, "grad_qk");
   require(workspace.row_stats, "row_stats");
   require(workspace.grad_qk_acc, "grad_qk_acc");
