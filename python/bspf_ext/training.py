@@ -376,8 +376,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
 
     data = load_dataset(config)
     model = build_model(config, data.num_classes, data.in_chans).to(device)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() > 1 and "pos_embed" not in n)]
+    decay, no_decay = [], []  # weight decay on matrices only, not on biases, norms or the position code
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() > 1 and "pos_embed" not in name else no_decay).append(parameter)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
