@@ -227,6 +227,23 @@ def test_options_scale_kernel_and_strides(capability, fuse):
         _check_path(qk, v, block_size=6, keep_ratio=0.6, fuse=fuse, scale=scale, kernel=kernel)
 
 
+
+@needs_avx2
+@pytest.mark.parametrize("spread", [1.0, 2.0, 4.0, 12.0])
+@pytest.mark.parametrize("dv", [16, 10])
+def test_tokens_of_very_different_norms(capability, spread, dv):
+    """The AVX2 forward shifts every logit by one bound (the largest |L_ii|) so that exp(L − c)
+    is symmetric; rows far below the bound, whose sums would lose float32 precision, are
+    recomputed with their own maximum. Token norms spread over a factor `spread` put rows
+    on both sides of that line (none below it at 1, most at 4; logits reach ~770 at 12)."""
+    capability("avx2")
+    qk, v = _inputs(2, 2, 75, 16, dv, seed=int(spread))
+    order = torch.randperm(75, generator=torch.Generator().manual_seed(2))
+    norms = torch.logspace(0, torch.log10(torch.tensor(spread)).item(), 75)[order]
+    qk = (qk.double() * norms[:, None]).float()
+    for fuse in (True, False):
+        _check_path(qk, v, block_size=16, keep_ratio=0.5, fuse=fuse)
+
 @needs_avx2
 @pytest.mark.parametrize("block_size", [3, 8, 16])
 def test_exact_scores_give_identical_masks_ties_included(capability, block_size):

@@ -272,18 +272,23 @@ inline void sparse_row_tile(const float* coef, const int32_t* list, int64_t coun
   for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + v * kLanes, _mm256_mul_ps(alpha, acc[v]));
 }
 
+// Whether sparse_rows reads the coefficients of pruned entries (which must then be 0):
+// only the 64-wide path goes over each row's own kept columns.
+inline bool sparse_rows_reads_pruned(int64_t width) { return width != 64; }
+
 // Rows [0, rows) of OUT = diag(alpha) · COEF·B, each row restricted to its kept entries:
-// row r has coefficients coef + r·ldc, its mask as a bitmap at bitmaps + r·bw (ld / 8
-// bytes) and alpha[r] (1 when alpha is null); B is width floats wide (a multiple of 8);
-// OUT row r is out + r·ldo. `lists` is scratch of ((rows + 1) / 2) · (ld + 8) ints.
-// A 64-wide B goes one row at a time (see below). Otherwise columns of B in slices of 32 outside, rows in pairs inside: a 32-wide slice
+// row r has coefficients coef + r·ldc (see sparse_rows_reads_pruned), its mask as a bitmap
+// at bitmaps + r·bw (ld / 8 bytes) and alpha[r] (1 when alpha is null); B is width floats
+// wide (a multiple of 8); OUT row r is out + r·ldo. `lists` is scratch of
+// ((rows + 1) / 2) · (ld + 8) ints. A 64-wide B goes one row at a time (see below).
+// Otherwise columns of B go in slices of 32 outside, rows in pairs inside: a 32-wide slice
 // of B (25 KB at N = 200) stays in L1 for all rows, where whole rows of B would stream
 // from L2.
 void sparse_rows(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_t bw, int64_t ld, const float* b,
                  int64_t ldb, int64_t width, const float* alpha, int64_t rows, int32_t* lists, float* out,
                  int64_t ldo) {
   const int64_t stride = ld + kLanes;
-  if (width == 64) {
+  if (!sparse_rows_reads_pruned(width)) {
     // One row at a time over exactly its kept columns: no union overhead (~18% more
     // FMAs at keep 0.5), and the 8 accumulators still hide the FMA latency.
     for (int64_t r = 0; r < rows; ++r) {
@@ -399,7 +404,7 @@ void gather(const float* base, const int64_t* stride, int64_t pair, int64_t head
 struct Workspace {
   Array<float> x, xt, v, vt, g, dx, dv;        // X, Xᵀ, V, Vᵀ, dOut, dX, dV (padded rows)
   Array<float> logits, weights, grad, work;    // ld×ld squares
-  Array<float> chunk, tile, small, out_row, column;
+  Array<float> tile, small, out_row, column;
   Array<int32_t> keys, lists;
   Array<uint64_t> bitmap;
   Array<float> similarity;
@@ -752,6 +757,57 @@ void probs_row(const Geometry& g, float* row, float lse) {
   }
 }
 
+// A shift no logit exceeds: |L_ij| = |scale · x_i·x_j| ≤ |scale| · max_k ‖x_k‖² = max_k |L_kk|
+// (Cauchy–Schwarz), up to a rounding that exp does not mind. Not finite when X is not.
+float logit_bound(const Geometry& g, const float* logits) {
+  float bound = 0.0f;
+  for (int64_t i = 0; i < g.n; ++i) {
+    const float diagonal = __builtin_fabsf(logits[i * g.ld + i]);
+    bound = diagonal > bound || diagonal != diagonal ? diagonal : bound;
+  }
+  return bound;
+}
+
+// E = exp(L − shift) over the ld×ld square, 0 in the padding rows and columns. With one
+// shift for every row E is symmetric like L: only the upper 8×8 tiles are exponentiated,
+// the lower ones mirrored, so half the exps of a row-by-row softmax, and no row maxima.
+void shifted_exps(const Geometry& g, const float* logits, float shift, float* exps) {
+  const __m256 vshift = _mm256_set1_ps(shift);
+  for (int64_t i = 0; i < g.ld; ++i) {
+    const float* l = logits + i * g.ld;
+    float* e = exps + i * g.ld;
+    for (int64_t j = i & ~int64_t{7}; j < g.ld; j += kLanes) {
+      __m256 v = _mm256_setzero_ps();
+      if (i < g.n) {
+        v = exp256(_mm256_sub_ps(_mm256_loadu_ps(l + j), vshift));
+        if (j + kLanes > g.n) v = _mm256_and_ps(v, lane_mask(g.n - j));
+      }
+      _mm256_storeu_ps(e + j, v);
+    }
+  }
+  for (int64_t i = 8; i < g.ld; i += 8)
+    for (int64_t j = 0; j < i; j += 8) transpose8(exps + j * g.ld + i, g.ld, exps + i * g.ld + j, g.ld);
+}
+
+// Row i of E with the row's own maximum as its shift: E_i = exp(L_i − max_i), 0 in the
+// padding. For the rows whose sum under the common shift is too small for float32 (a
+// token of small norm beside one of large norm) or not finite. Returns max_i.
+float row_shifted_exps(const Geometry& g, const float* l, float* e) {
+  const int64_t full = g.n / kLanes * kLanes;
+  const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
+  __m256 mx = neg_inf;
+  for (int64_t j = 0; j < full; j += kLanes) mx = _mm256_max_ps(mx, _mm256_loadu_ps(l + j));
+  if (full < g.n) mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(l + full), lane_mask(g.n - full)));
+  const float row_max = hmax(mx);
+  const __m256 vmax = _mm256_set1_ps(row_max);
+  for (int64_t j = 0; j < g.ld; j += kLanes) {
+    __m256 v = exp256(_mm256_sub_ps(_mm256_loadu_ps(l + j), vmax));
+    if (j + kLanes > g.n) v = _mm256_and_ps(v, lane_mask(g.n - j));
+    _mm256_storeu_ps(e + j, v);
+  }
+  return row_max;
+}
+
 // A row's mask words as one bit per column, so that 8 columns are one byte.
 void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) {
   const int64_t count = g.ld / 64 + 1;
@@ -848,54 +904,45 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint6
   }
 }
 
-// The forward's rows of chunk m, in place in the logits square. With E_i = exp(L_i − max_i)
-// (0 in the padding), P_i = E_i / T_i and T_i = Σ_j E_i(j), row i becomes R'_i = T_i · R_i:
-// E_i on its kept entries, 0 on its pruned ones (the A·V tiles read both), plus the fusion
-// of SPEC §3.7 in the row's own units. Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j).
-// One exp per entry: the kept sum is taken in the same pass; the fusion reads the full
-// E rows from `exps` (Ω × ld floats). Saves lse_i and Z_i. Scratch: `bitmaps` holds
-// Ω · bitmap_words(g) words (left holding the rows' masks), `similarity` ld + 64 floats.
-void chunk_forward_rows(const Geometry& g, int64_t m, float* logits, const uint64_t* words, const int32_t* match,
-                        const float* rho, bool fuse, uint64_t* bitmaps, float* similarity, float* exps, float* lse,
-                        float* row_sum, float* alpha) {
+// Below this a row's sum of exps under the common shift is refused: the row's maximum is
+// then more than 40 − ln N below the shift, and its entries near the maximum would come
+// closer than e^-35 to float32's smallest normal number. Above it, whatever underflows
+// weighs less than e^-35 of the row, far below float32's resolution of the sum.
+constexpr float kSmallestSum = 4.24835426e-18f;  // e^-40
+
+// The forward's rows of chunk m, in place in E (see shifted_exps). With P_i = E_i / T_i and
+// T_i = Σ_j E_i(j), row i becomes R'_i = T_i · R_i on its kept entries: E_i plus the
+// fusion of SPEC §3.7 in the row's own units. Its pruned entries keep E_i (the fusion reads
+// them; A·V skips them). Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j).
+// Saves lse_i and Z_i. Scratch: `bitmaps` holds Ω · bitmap_words(g) words (left holding
+// the rows' masks), `similarity` ld + 64 floats.
+void chunk_forward_rows(const Geometry& g, int64_t m, const float* logits, float shift, float* exps,
+                        const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
+                        float* similarity, float* lse, float* row_sum, float* alpha) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
-  const int64_t full = g.n / kLanes * kLanes;
-  const __m256 tail = lane_mask(g.n - full);
-  const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
   float total[64], kept[64];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
     uint64_t* bitmap = bitmaps + r * bw;
     row_bitmap(g, words + i * g.chunks, bitmap);
-    float* row = logits + i * g.ld;
-    float* full_row = exps + r * g.ld;
-    // Two independent chains (named variables: GCC keeps small arrays on the stack).
-    __m256 mx0 = neg_inf, mx1 = neg_inf;
-    int64_t j = 0;
-    for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
-      mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(row + j));
-      mx1 = _mm256_max_ps(mx1, _mm256_loadu_ps(row + j + kLanes));
+    float* row = exps + i * g.ld;
+    float row_shift = shift;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      __m256 sum = _mm256_setzero_ps(), kept_sum = sum;
+      uint64_t bits = 0;
+      for (int64_t j = 0; j < g.ld; j += kLanes) {
+        if (j % 64 == 0) bits = bitmap[j / 64];
+        const __m256 e = _mm256_loadu_ps(row + j);
+        sum = _mm256_add_ps(sum, e);
+        kept_sum = _mm256_add_ps(kept_sum, _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), e));
+        bits >>= 8;
+      }
+      total[r] = hsum(sum);
+      kept[r] = hsum(kept_sum);
+      if (total[r] >= kSmallestSum && total[r] <= __FLT_MAX__) break;
+      row_shift = row_shifted_exps(g, logits + i * g.ld, row);
     }
-    if (j < full) mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(row + j));
-    if (full < g.n) mx1 = _mm256_max_ps(mx1, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(row + full), tail));
-    const float row_max = hmax(_mm256_max_ps(mx0, mx1));
-    const __m256 vmax = _mm256_set1_ps(row_max);
-    __m256 sum = _mm256_setzero_ps(), kept_sum = sum;
-    uint64_t bits = 0;
-    for (int64_t j = 0; j < g.ld; j += kLanes) {
-      if (j % 64 == 0) bits = bitmap[j / 64];
-      __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmax));
-      if (j + kLanes > g.n) e = _mm256_and_ps(e, lane_mask(g.n - j));
-      const __m256 kept_e = _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), e);
-      bits >>= 8;
-      _mm256_storeu_ps(row + j, kept_e);
-      if (fuse) _mm256_storeu_ps(full_row + j, e);
-      sum = _mm256_add_ps(sum, e);
-      kept_sum = _mm256_add_ps(kept_sum, kept_e);
-    }
-    total[r] = hsum(sum);
-    kept[r] = hsum(kept_sum);
-    lse[r] = row_max + __builtin_logf(total[r]);
+    lse[r] = row_shift + __builtin_logf(total[r]);
   }
   if (fuse) {
     // In place: a row's fused-into entries are ones it keeps, its fused-out entries ones it prunes.
@@ -904,8 +951,8 @@ void chunk_forward_rows(const Geometry& g, int64_t m, float* logits, const uint6
       if (target_row == r || !(rho[i] > 0.0f)) continue;
       const float share = rho[i] * (total[target_row] / total[r]);
       kept[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, bitmaps + r * bw,
-                                   bitmaps + target_row * bw, share, exps + r * g.ld,
-                                   logits + match[i] * g.ld, similarity);
+                                   bitmaps + target_row * bw, share, exps + i * g.ld, exps + match[i] * g.ld,
+                                   similarity);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -914,11 +961,23 @@ void chunk_forward_rows(const Geometry& g, int64_t m, float* logits, const uint6
   }
 }
 
+// Zeroes the pruned entries of rows of chunk m of E (their masks in `bitmaps`).
+void zero_pruned(const Geometry& g, int64_t m, const uint64_t* bitmaps, float* exps) {
+  const int64_t bw = bitmap_words(g);
+  for (int64_t r = 0; r < g.size(m); ++r) {
+    float* row = exps + (g.begin(m) + r) * g.ld;
+    for (int64_t j = 0; j < g.ld; j += kLanes) {
+      const __m256 kept = expand_bits(bitmap_byte(bitmaps + r * bw, j));
+      _mm256_storeu_ps(row + j, _mm256_and_ps(kept, _mm256_loadu_ps(row + j)));
+    }
+  }
+}
+
 // ---------------------------------------------------------------- pair drivers
 
 bool reserve_forward(const Geometry& g, Workspace& ws) {
   return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
-         ws.logits.reserve(g.square()) && ws.chunk.reserve(g.omega * g.ld) &&
+         ws.logits.reserve(g.square()) && ws.weights.reserve(g.square()) &&
          ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(2 * 64 * 64) &&
          ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes)) && ws.similarity.reserve(g.ld + 64);
 }
@@ -978,21 +1037,23 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
   compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws, words);
   compute_match(g, ws.x.data, ws.logits.data, static_cast<float>(fp.p.scale), ws, match, rho);
 
-  // One chunk of rows at a time while its logits are in cache: softmax, weights with
-  // fusion, and A·V over the kept entries only.
+  // E = exp(L − c) with one shift for all rows (symmetric: half the exps), then one chunk
+  // of rows at a time while it is in cache: softmax sums, weights with fusion, and A·V
+  // over the kept entries only.
+  float* exps = ws.weights.data;
+  const float shift = logit_bound(g, ws.logits.data);
+  shifted_exps(g, ws.logits.data, shift, exps);
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
-    chunk_forward_rows(g, m, ws.logits.data, words, match, rho, fp.p.fuse, ws.bitmap.data, ws.similarity.data,
-                       ws.chunk.data, lse + r0, row_sum + r0, alpha);
-    if (in_place) {
-      sparse_rows(ws.logits.data + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp,
-                  alpha, rows, ws.lists.data, out + r0 * g.dv, g.dv);
-      continue;
-    }
-    sparse_rows(ws.logits.data + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp,
-                alpha, rows, ws.lists.data, ws.out_row.data, g.dvp);
-    copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
+    chunk_forward_rows(g, m, ws.logits.data, shift, exps, words, match, rho, fp.p.fuse, ws.bitmap.data,
+                       ws.similarity.data, lse + r0, row_sum + r0, alpha);
+    if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
+    float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;
+    const int64_t ldo = in_place ? g.dv : g.dvp;
+    sparse_rows(exps + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp, alpha, rows,
+                ws.lists.data, rows_out, ldo);
+    if (!in_place) copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
   }
   return true;
 }
