@@ -479,15 +479,65 @@ inline float value_of(int32_t key) {
   return value;
 }
 
+// Where the k-th largest of n scores sits, in standard deviations from their mean, if
+// they were normally distributed: Φ⁻¹(1 − (k − ½) / n), by Acklam's rational
+// approximation (relative error ~1e-9, far more than a first guess needs).
+double normal_quantile_of_rank(int64_t k, int64_t n) {
+  const double p = 1.0 - (static_cast<double>(k) - 0.5) / static_cast<double>(n);
+  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+                             1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00};
+  static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
+                             6.680131188771972e+01, -1.328068155288572e+01};
+  static const double c[] = {-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+                             -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00};
+  static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+                             3.754408661907416e+00};
+  if (p <= 0.0) return -8.0;
+  if (p >= 1.0) return 8.0;
+  if (p < 0.02425 || p > 1.0 - 0.02425) {
+    const double q = __builtin_sqrt(-2.0 * __builtin_log(p < 0.5 ? p : 1.0 - p));
+    const double x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+                     ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0);
+    return p < 0.5 ? x : -x;
+  }
+  const double q = p - 0.5, r = q * q;
+  return (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
+         (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0);
+}
+
+// The keep rule's k of a block and where its k-th score is expected (see select_block).
+struct BlockRank {
+  int64_t k = 0;
+  double z = 0.0;        // normal_quantile_of_rank(k, block entries)
+  double density = 0.0;  // φ(z): the normal density there, per standard deviation
+};
+
+BlockRank block_rank(int64_t k, int64_t entries) {
+  BlockRank rank;
+  rank.k = k;
+  if (k > 0 && k < entries) {
+    rank.z = normal_quantile_of_rank(k, entries);
+    rank.density = 0.3989422804014327 * __builtin_exp(-0.5 * rank.z * rank.z);
+  }
+  return rank;
+}
+
 // Looks for the k-th largest of `real` keys (the others are padding) by searching the
-// score values between the smallest and largest key: steps alternate between linear
-// interpolation on the counts (scores are smooth, so a few steps usually land between
-// the k-th and the (k+1)-th) and bisection (a bound on the bad cases). On success
-// *threshold is either a key with exactly k keys at or above it (*at_least = k), or the
-// k-th largest key itself (ties at it; *at_least > k). Returns false, to fall back on the
-// bisection over key bits, when a score is not finite or the search runs long.
-bool search_by_value(const int32_t* keys, int64_t count, int64_t real, int64_t k, int32_t lowest_key,
-                     int32_t highest_key, int32_t* threshold, int64_t* at_least) {
+// score values between the smallest and largest key. Scores are smooth and roughly bell
+// shaped, so the first probe is where a normal distribution of their mean and standard
+// deviation puts the k-th largest, the second a Newton step on that model's count; after
+// that, interpolation on the counts within the bracket found so far, with a bisection
+// whenever an interpolation step fails to halve the bracket. Six passes over the keys on
+// average land between the k-th and the (k+1)-th at the target shape (eight from the
+// bracket [min, max] alone); the bisections bound the bad cases.
+//
+// On success *threshold is either a key with exactly k keys at or above it (*at_least =
+// k), or the k-th largest key itself (ties at it; *at_least > k). Returns false, to fall
+// back on the bisection over key bits, when a score is not finite or the search runs long.
+bool search_by_value(const int32_t* keys, int64_t count, int64_t real, const BlockRank& rank, double mean,
+                     double deviation, int32_t lowest_key, int32_t highest_key, int32_t* threshold,
+                     int64_t* at_least) {
+  const int64_t k = rank.k;
   const float lowest = value_of(lowest_key), highest = value_of(highest_key);
   const float inf = __builtin_inff();
   if (!(lowest > -inf && highest < inf)) return false;  // also NaN, which ranks as -inf
@@ -499,9 +549,22 @@ bool search_by_value(const int32_t* keys, int64_t count, int64_t real, int64_t k
     *at_least = c_hi;
     return true;
   }
+  const bool model = deviation > 0.0 && rank.density > 0.0 && deviation < 1e30;
+  double last_width = hi - lo;
   for (int step = 0; step < 24; ++step) {
-    double t = step % 2 == 0 ? lo + (hi - lo) * ((static_cast<double>(c_lo - k) - 0.5) / static_cast<double>(c_lo - c_hi))
-                             : lo + (hi - lo) * 0.5;
+    double t;
+    if (step == 0 && model) {
+      t = mean + rank.z * deviation;
+    } else if (step == 1 && model) {
+      // Newton on the model's count, from whichever end of the bracket the first probe set.
+      const double probe = c_lo > k ? lo : hi, c = c_lo > k ? c_lo : c_hi;
+      t = probe + (c - static_cast<double>(k)) * deviation / (static_cast<double>(real) * rank.density);
+    } else if (hi - lo <= 0.5 * last_width) {
+      t = lo + (hi - lo) * ((static_cast<double>(c_lo - k) - 0.5) / static_cast<double>(c_lo - c_hi));
+    } else {
+      t = lo + (hi - lo) * 0.5;
+    }
+    last_width = hi - lo;
     float candidate = static_cast<float>(t);
     if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
       candidate = static_cast<float>(lo + (hi - lo) * 0.5);
@@ -538,7 +601,8 @@ bool search_by_value(const int32_t* keys, int64_t count, int64_t real, int64_t k
 // kept set is every key above it plus, among keys equal to it, the first ones in
 // row-major order. It stops early once some threshold splits off exactly k entries.
 void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
-                  const float* kernel, int64_t k, Workspace& ws, uint64_t* row_bits, uint64_t* col_bits) {
+                  const float* kernel, const BlockRank& rank, Workspace& ws, uint64_t* row_bits, uint64_t* col_bits) {
+  const int64_t k = rank.k;
   const int64_t ts = round_up8(cols + 2) + kLanes;  // padded tile row: zero, cols values, zeros
   const int64_t sp = round_up8(cols);               // key row stride
   float* tile = ws.tile.data;
@@ -559,6 +623,7 @@ void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t ro
   for (int e = 0; e < 9; ++e) w[e] = _mm256_set1_ps(kernel[e]);
   const __m256i padding = _mm256_set1_epi32(INT_MIN);  // below every real key
   __m256i lowest = _mm256_set1_epi32(INT_MAX), highest = padding;
+  __m256 sum = zero, sum_squares = zero;  // of the scores: the search's first guess
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < sp; j += kLanes) {
       __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(tile + i * ts + j));
@@ -567,14 +632,22 @@ void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t ro
       __m256i key = order_key(s);
       highest = _mm256_max_epi32(highest, key);
       if (j + kLanes > cols) {
-        const __m256i real = _mm256_castps_si256(lane_mask(cols - j));
-        lowest = _mm256_min_epi32(lowest, _mm256_blendv_epi8(_mm256_set1_epi32(INT_MAX), key, real));
-        key = _mm256_blendv_epi8(padding, key, real);
+        const __m256 real = lane_mask(cols - j);
+        const __m256i real_i = _mm256_castps_si256(real);
+        lowest = _mm256_min_epi32(lowest, _mm256_blendv_epi8(_mm256_set1_epi32(INT_MAX), key, real_i));
+        key = _mm256_blendv_epi8(padding, key, real_i);
+        s = _mm256_and_ps(s, real);
       } else {
         lowest = _mm256_min_epi32(lowest, key);
       }
+      sum = _mm256_add_ps(sum, s);
+      sum_squares = _mm256_fmadd_ps(s, s, sum_squares);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), key);
     }
+  const double entries = static_cast<double>(rows * cols);
+  const double mean = hsum(sum) / entries;
+  const double variance = hsum(sum_squares) / entries - mean * mean;
+  const double deviation = variance > 0.0 ? __builtin_sqrt(variance) : 0.0;  // 0 (no model) for NaN too
 
   const int64_t rp = round_up8(rows);
   for (int64_t i = rows; i < rp; ++i)
@@ -583,8 +656,8 @@ void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t ro
   const int64_t count = rp * sp;
   int32_t threshold = 0;
   int64_t at_least = 0;
-  if (!search_by_value(keys, count, rows * cols, k, hmin_epi32(lowest), hmax_epi32(highest), &threshold,
-                       &at_least)) {
+  if (!search_by_value(keys, count, rows * cols, rank, mean, deviation, hmin_epi32(lowest), hmax_epi32(highest),
+                       &threshold, &at_least)) {
     // Bisection in unsigned key space (u = key ^ 2^31): the largest u with ≥ k keys at or above it.
     uint32_t u = 0;
     at_least = count;
@@ -647,17 +720,19 @@ void compute_mask_words(const Geometry& g, const float* logits, const float* ker
   for (int64_t m = 0; m < C; ++m)
     for (int64_t i = g.begin(m); i < g.begin(m) + g.size(m); ++i) words[i * C + m] = low_bits(g.size(m));
   uint64_t row_bits[64], col_bits[64];
+  // Upper blocks have full rows; their columns are full or the last chunk.
+  const BlockRank full = block_rank(keep.full, g.omega * g.omega), tail = block_rank(keep.tail, g.omega * g.last);
   for (int64_t m = 0; m + 1 < C; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     for (int64_t bn = m + 1; bn < C; ++bn) {
       const int64_t c0 = g.begin(bn), cols = g.size(bn);
-      const int64_t k = bn == C - 1 ? keep.tail : keep.full;
-      if (k <= 0) continue;
-      if (k >= rows * cols) {
+      const BlockRank& rank = bn == C - 1 ? tail : full;
+      if (rank.k <= 0) continue;
+      if (rank.k >= rows * cols) {
         for (int64_t i = 0; i < rows; ++i) row_bits[i] = low_bits(cols);
         for (int64_t j = 0; j < cols; ++j) col_bits[j] = low_bits(rows);
       } else {
-        select_block(g, logits, r0, rows, c0, cols, kernel, k, ws, row_bits, col_bits);
+        select_block(g, logits, r0, rows, c0, cols, kernel, rank, ws, row_bits, col_bits);
       }
       for (int64_t i = 0; i < rows; ++i) words[(r0 + i) * C + bn] = row_bits[i];
       for (int64_t j = 0; j < cols; ++j) words[(c0 + j) * C + m] = col_bits[j];
