@@ -407,7 +407,6 @@ struct Workspace {
   Array<float> tile, small, out_row, column;
   Array<int32_t> keys, lists;
   Array<uint64_t> bitmap;
-  Array<float> similarity;
 };
 
 namespace {
@@ -920,37 +919,37 @@ inline void for_each_fused_entry(const Geometry& g, int64_t i, const uint64_t* w
 inline int64_t bitmap_words(const Geometry& g) { return g.ld / 64 + 1; }
 
 // Row i moves share · H · source(j) to row b(i) on the columns j it prunes and b(i) keeps
-// (SPEC §3.7; its own chunk is kept by both rows, so it never moves). H is constant per
-// column chunk: spread share · H over `similarity` (ld + 64 floats), then add the moved
-// entries 8 at a time. Returns the sum added to `target`.
-float fuse_row(const Geometry& g, const uint64_t* wi, const uint64_t* wp, const uint64_t* own_bitmap,
-               const uint64_t* other_bitmap, float share, const float* source, float* target, float* similarity) {
-  for (int64_t c = 0; c < g.chunks; ++c) {
-    // In increasing c: each store's spill past its chunk is overwritten by the next one.
-    const __m256 h = _mm256_set1_ps(share * g.similarity(c, __builtin_popcountll(wi[c] ^ wp[c])));
-    for (int64_t j = g.begin(c); j < g.begin(c) + g.size(c); j += kLanes) _mm256_storeu_ps(similarity + j, h);
-  }
+// (SPEC §3.7; its own chunk is kept by both rows, so it never moves), one column chunk at
+// a time (H is constant per chunk), 8 columns per step under the chunk's moved bits.
+// Returns the sum added to `target`.
+//
+// A chunk's last vector reaches past it (into the next chunk, the padding, or for a short
+// last chunk the next row's first columns) with its bits 0 there, so it adds +0 to
+// values ≥ 0 and changes nothing; rows have a vector of slack at the square's end.
+float fuse_row(const Geometry& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
+               float* target) {
   __m256 added = _mm256_setzero_ps();
-  // Branch-free: skipping all-zero bytes mispredicts more than it saves.
-  uint64_t moved = 0;
-  for (int64_t j = 0; j < g.ld; j += kLanes) {
-    if (j % 64 == 0) moved = other_bitmap[j / 64] & ~own_bitmap[j / 64];
-    const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
-                                       _mm256_mul_ps(_mm256_loadu_ps(similarity + j), _mm256_loadu_ps(source + j)));
-    moved >>= 8;
-    _mm256_storeu_ps(target + j, _mm256_add_ps(_mm256_loadu_ps(target + j), value));
-    added = _mm256_add_ps(added, value);
+  const int64_t chunks = g.chunks;
+  for (int64_t c = 0; c < chunks; ++c) {
+    uint64_t moved = ~wi[c] & wp[c];
+    if (!moved) continue;  // its own chunk, and any other whose moved set is empty
+    const __m256 h = _mm256_set1_ps(share * g.similarity(c, __builtin_popcountll(wi[c] ^ wp[c])));
+    const int64_t begin = g.begin(c), size = g.size(c);
+    for (int64_t j = 0; j < size; j += kLanes, moved >>= 8) {  // a fixed count: predictable
+      const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
+                                         _mm256_mul_ps(h, _mm256_loadu_ps(source + begin + j)));
+      _mm256_storeu_ps(target + begin + j, _mm256_add_ps(_mm256_loadu_ps(target + begin + j), value));
+      added = _mm256_add_ps(added, value);
+    }
   }
   return hsum(added);
 }
 
 // Rows of chunk m of R = P ⊙ M + F (SPEC §3.8) into `weights` (row r = token begin(m) + r)
 // and their sums Z into row_sum[r] (the backward, from P). Fusion stays inside the chunk
-// (b(i) is in it). Scratch: `bitmaps` holds Ω · bitmap_words(g) words, `similarity`
-// ld + 64 floats.
+// (b(i) is in it). Scratch: `bitmaps` holds Ω · bitmap_words(g) words.
 void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint64_t* words, const int32_t* match,
-                   const float* rho, bool fuse, uint64_t* bitmaps, float* similarity, float* weights,
-                   float* row_sum) {
+                   const float* rho, bool fuse, uint64_t* bitmaps, float* weights, float* row_sum) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
@@ -973,9 +972,8 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint6
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r, target_row = match[i] - r0;
     if (target_row == r || !(rho[i] > 0.0f)) continue;
-    row_sum[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, bitmaps + r * bw,
-                                    bitmaps + target_row * bw, rho[i], probs + i * g.ld,
-                                    weights + target_row * g.ld, similarity);
+    row_sum[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, rho[i], probs + i * g.ld,
+                                    weights + target_row * g.ld);
   }
 }
 
@@ -990,10 +988,10 @@ constexpr float kSmallestSum = 4.24835426e-18f;  // e^-40
 // fusion of SPEC §3.7 in the row's own units. Its pruned entries keep E_i (the fusion reads
 // them; A·V skips them). Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j).
 // Saves lse_i and Z_i. Scratch: `bitmaps` holds Ω · bitmap_words(g) words (left holding
-// the rows' masks), `similarity` ld + 64 floats.
+// the rows' masks).
 void chunk_forward_rows(const Geometry& g, int64_t m, const float* logits, float shift, float* exps,
                         const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
-                        float* similarity, float* lse, float* row_sum, float* alpha) {
+                        float* lse, float* row_sum, float* alpha) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
   float total[64], kept[64];
   for (int64_t r = 0; r < rows; ++r) {
@@ -1025,9 +1023,8 @@ void chunk_forward_rows(const Geometry& g, int64_t m, const float* logits, float
       const int64_t i = r0 + r, target_row = match[i] - r0;
       if (target_row == r || !(rho[i] > 0.0f)) continue;
       const float share = rho[i] * (total[target_row] / total[r]);
-      kept[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, bitmaps + r * bw,
-                                   bitmaps + target_row * bw, share, exps + i * g.ld, exps + match[i] * g.ld,
-                                   similarity);
+      kept[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, share, exps + i * g.ld,
+                                   exps + match[i] * g.ld);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -1054,7 +1051,7 @@ bool reserve_forward(const Geometry& g, Workspace& ws) {
   return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
          ws.logits.reserve(g.square()) && ws.weights.reserve(g.square()) &&
          ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(2 * 64 * 64) &&
-         ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes)) && ws.similarity.reserve(g.ld + 64);
+         ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
 }
 
 // X gathered, Xᵀ, and L (the shared first steps of every entry point).
@@ -1121,8 +1118,8 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
-    chunk_forward_rows(g, m, ws.logits.data, shift, exps, words, match, rho, fp.p.fuse, ws.bitmap.data,
-                       ws.similarity.data, lse + r0, row_sum + r0, alpha);
+    chunk_forward_rows(g, m, ws.logits.data, shift, exps, words, match, rho, fp.p.fuse, ws.bitmap.data, lse + r0,
+                       row_sum + r0, alpha);
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
     float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;
     const int64_t ldo = in_place ? g.dv : g.dvp;
@@ -1168,8 +1165,7 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   // A = R / Z, with R rebuilt from P and the saved choices (the forward's own code).
   float recomputed_z[64];  // the saved Z is used instead, as in the portable path
   for (int64_t m = 0; m < C; ++m)
-    chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, ws.bitmap.data, ws.similarity.data,
-                  weights + g.begin(m) * ld,
+    chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, ws.bitmap.data, weights + g.begin(m) * ld,
                   recomputed_z);
   std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
   for (int64_t i = 0; i < N; ++i) {
