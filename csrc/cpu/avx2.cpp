@@ -413,12 +413,32 @@ namespace {
 
 // ------------------------------------------------------------------------ logits
 
-// L = scale · X Xᵀ over the ld×ld square: upper 8×8 tiles by GEMM, lower ones mirrored
-// (QQᵀ is symmetric). Padding rows/columns come out 0 since X's padding rows are 0.
-void compute_logits(const Geometry& g, const float* x, const float* xt, float scale, float* logits) {
+// Which lower 8×8 tiles of L a caller reads: none (the mask reads upper blocks only), those
+// that share a token chunk with their row (the forward's matching reads the diagonal
+// blocks), or all (the backward).
+enum class Mirror { kNone, kDiagonalBlocks, kAll };
+
+// L = scale · X Xᵀ over the ld×ld square: upper 8×8 tiles by GEMM, the lower ones the
+// caller reads mirrored (QQᵀ is symmetric). Padding rows/columns come out 0 since X's
+// padding rows are 0.
+void compute_logits(const Geometry& g, const float* x, const float* xt, float scale, Mirror mirror, float* logits) {
   gemm(x, g.dp, xt, g.ld, g.d, logits, g.ld, g.ld, g.ld, scale, /*upper=*/true);
+  if (mirror == Mirror::kNone) return;
   for (int64_t i = 8; i < g.ld; i += 8)
-    for (int64_t j = 0; j < i; j += 8) transpose8(logits + j * g.ld + i, g.ld, logits + i * g.ld + j, g.ld);
+    for (int64_t j = 0; j < i; j += 8) {
+      // Rows [i, i + 8) start in chunk i / Ω, columns [j, j + 8) end in chunk (j + 7) / Ω.
+      const bool diagonal_block = i / g.omega <= (j + 7) / g.omega;
+      if (mirror == Mirror::kAll || diagonal_block)
+        transpose8(logits + j * g.ld + i, g.ld, logits + i * g.ld + j, g.ld);
+    }
+}
+
+// Row i of L, whole, into `row` (ld floats): its upper tiles as they are, the rest read
+// down column i (the forward leaves most lower tiles unmirrored).
+void logit_row(const Geometry& g, const float* logits, int64_t i, float* row) {
+  const int64_t diagonal = i & ~int64_t{7};
+  for (int64_t j = 0; j < diagonal; ++j) row[j] = logits[j * g.ld + i];
+  for (int64_t j = diagonal; j < g.ld; ++j) row[j] = logits[i * g.ld + j];
 }
 
 // --------------------------------------------------------------------- keep mask
@@ -988,10 +1008,10 @@ constexpr float kSmallestSum = 4.24835426e-18f;  // e^-40
 // fusion of SPEC §3.7 in the row's own units. Its pruned entries keep E_i (the fusion reads
 // them; A·V skips them). Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j).
 // Saves lse_i and Z_i. Scratch: `bitmaps` holds Ω · bitmap_words(g) words (left holding
-// the rows' masks).
+// the rows' masks), `logit_scratch` ld floats.
 void chunk_forward_rows(const Geometry& g, int64_t m, const float* logits, float shift, float* exps,
                         const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
-                        float* lse, float* row_sum, float* alpha) {
+                        float* logit_scratch, float* lse, float* row_sum, float* alpha) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
   float total[64], kept[64];
   for (int64_t r = 0; r < rows; ++r) {
@@ -1013,7 +1033,8 @@ void chunk_forward_rows(const Geometry& g, int64_t m, const float* logits, float
       total[r] = hsum(sum);
       kept[r] = hsum(kept_sum);
       if (total[r] >= kSmallestSum && total[r] <= __FLT_MAX__) break;
-      row_shift = row_shifted_exps(g, logits + i * g.ld, row);
+      logit_row(g, logits, i, logit_scratch);
+      row_shift = row_shifted_exps(g, logit_scratch, row);
     }
     lse[r] = row_shift + __builtin_logf(total[r]);
   }
@@ -1056,10 +1077,10 @@ bool reserve_forward(const Geometry& g, Workspace& ws) {
 
 // X gathered, Xᵀ, and L (the shared first steps of every entry point).
 void load_logits(const Geometry& g, const float* qk, const int64_t* stride, int64_t pair, int64_t heads,
-                 float scale, Workspace& ws) {
+                 float scale, Mirror mirror, Workspace& ws) {
   gather(qk, stride, pair, heads, g.n, g.d, g.ld, g.dp, ws.x.data);
   transpose(ws.x.data, g.dp, g.ld, g.dp, ws.xt.data, g.ld);
-  compute_logits(g, ws.x.data, ws.xt.data, scale, ws.logits.data);
+  compute_logits(g, ws.x.data, ws.xt.data, scale, mirror, ws.logits.data);
 }
 
 
@@ -1074,7 +1095,7 @@ bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Wo
   const Geometry g(fp.p);
   if (!reserve_forward(g, ws)) return false;
   load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
-              ws);
+              Mirror::kNone, ws);
   compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws,
                      fp.saved.mask_words + pair * g.n * g.chunks);
   return true;
@@ -1092,7 +1113,7 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
   float* out = static_cast<float*>(fp.out) + pair * g.n * g.dv;
 
   load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
-              ws);
+              Mirror::kDiagonalBlocks, ws);
   // Value rows of a whole number of vectors with unit column stride are read where they
   // are, and output rows written in place: A·V reads only kept rows of V and writes whole
   // rows, so the gather and the copy back (a few % of the call) are not needed.
@@ -1118,8 +1139,8 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
-    chunk_forward_rows(g, m, ws.logits.data, shift, exps, words, match, rho, fp.p.fuse, ws.bitmap.data, lse + r0,
-                       row_sum + r0, alpha);
+    chunk_forward_rows(g, m, ws.logits.data, shift, exps, words, match, rho, fp.p.fuse, ws.bitmap.data,
+                       ws.column.data, lse + r0, row_sum + r0, alpha);
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
     float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;
     const int64_t ldo = in_place ? g.dv : g.dvp;
@@ -1154,7 +1175,7 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
   float* grad = ws.grad.data;        // G Vᵀ, then dR, dP, dL
   float* work = ws.work.data;        // Aᵀ, then S = scale · (dL + dLᵀ)
 
-  load_logits(g, static_cast<const float*>(bp.qk), bp.qk_stride, pair, heads, scale, ws);
+  load_logits(g, static_cast<const float*>(bp.qk), bp.qk_stride, pair, heads, scale, Mirror::kAll, ws);
   gather(static_cast<const float*>(bp.v), bp.v_stride, pair, heads, N, g.dv, ld, g.dvp, ws.v.data);
   gather(static_cast<const float*>(bp.grad_out), bp.grad_out_stride, pair, heads, N, g.dv, ld, g.dvp, ws.g.data);
   transpose(ws.v.data, g.dvp, ld, g.dvp, ws.vt.data, ld);
