@@ -229,6 +229,24 @@ def test_options_scale_kernel_and_strides(capability, fuse):
 
 
 @needs_avx2
+@pytest.mark.parametrize("keep_ratio", [0.05, 0.5, 0.93])
+@pytest.mark.parametrize("shape", ["cubed", "sparse", "constant rows"])
+def test_selection_with_scores_far_from_normal(capability, keep_ratio, shape):
+    """The k-th score search starts where a normal distribution of the block's scores puts
+    it; heavy tails, a spike of equal scores and constant blocks must still give the exact
+    top k (SPEC §3.3), whatever that first guess is worth."""
+    capability("avx2")
+    qk, v = _inputs(2, 2, 70, 8, seed=11)
+    if shape == "cubed":
+        qk = qk**3  # heavy tails: a few huge logits, most near 0
+    elif shape == "sparse":
+        qk = qk * (torch.rand(qk.shape, generator=torch.Generator().manual_seed(3)) < 0.15)  # many exact zeros
+    else:
+        qk = torch.ones_like(qk) * torch.arange(1, 71, dtype=qk.dtype)[:, None] / 64  # rank-1: smooth, tied rows
+    _check_path(qk, v, block_size=16, keep_ratio=keep_ratio)
+
+
+@needs_avx2
 @pytest.mark.parametrize("spread", [1.0, 2.0, 4.0, 12.0])
 @pytest.mark.parametrize("dv", [16, 10])
 def test_tokens_of_very_different_norms(capability, spread, dv):
