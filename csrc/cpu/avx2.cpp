@@ -433,12 +433,10 @@ void compute_logits(const Geometry& g, const float* x, const float* xt, float sc
     }
 }
 
-// Row i of L, whole, into `row` (ld floats): its upper tiles as they are, the rest read
-// down column i (the forward leaves most lower tiles unmirrored).
-void logit_row(const Geometry& g, const float* logits, int64_t i, float* row) {
-  const int64_t diagonal = i & ~int64_t{7};
-  for (int64_t j = 0; j < diagonal; ++j) row[j] = logits[j * g.ld + i];
-  for (int64_t j = diagonal; j < g.ld; ++j) row[j] = logits[i * g.ld + j];
+// Row i of L = scale · X Xᵀ recomputed from X (padded rows, 0 past N) into `row` (ld
+// floats), for the forward, whose logits tile has become E by then.
+void logit_row(const Geometry& g, const float* x, float scale, int64_t i, float* row) {
+  for (int64_t j = 0; j < g.ld; ++j) row[j] = scale * dot(x + i * g.dp, x + j * g.dp, g.dp);
 }
 
 // --------------------------------------------------------------------- keep mask
@@ -862,14 +860,16 @@ float logit_bound(const Geometry& g, const float* logits) {
   return bound;
 }
 
-// E = exp(L − shift) over the ld×ld square, 0 in the padding rows and columns. With one
-// shift for every row E is symmetric like L: only the upper 8×8 tiles are exponentiated,
-// the lower ones mirrored, so half the exps of a row-by-row softmax, and no row maxima.
-void shifted_exps(const Geometry& g, const float* logits, float shift, float* exps) {
+// The ld×ld square L becomes E = exp(L − shift) in place, 0 in the padding rows and
+// columns (one square, not two: at N = 577 each is 1.4 MB of a 2 MB L2). With one shift
+// for every row E is symmetric like L: only the upper 8×8 tiles are exponentiated (all
+// that is read of L), the lower ones mirrored, so half the exps of a row-by-row softmax,
+// and no row maxima.
+void shifted_exps(const Geometry& g, float shift, float* square) {
   const __m256 vshift = _mm256_set1_ps(shift);
   for (int64_t i = 0; i < g.ld; ++i) {
-    const float* l = logits + i * g.ld;
-    float* e = exps + i * g.ld;
+    const float* l = square + i * g.ld;
+    float* e = square + i * g.ld;
     for (int64_t j = i & ~int64_t{7}; j < g.ld; j += kLanes) {
       __m256 v = _mm256_setzero_ps();
       if (i < g.n) {
@@ -880,7 +880,7 @@ void shifted_exps(const Geometry& g, const float* logits, float shift, float* ex
     }
   }
   for (int64_t i = 8; i < g.ld; i += 8)
-    for (int64_t j = 0; j < i; j += 8) transpose8(exps + j * g.ld + i, g.ld, exps + i * g.ld + j, g.ld);
+    for (int64_t j = 0; j < i; j += 8) transpose8(square + j * g.ld + i, g.ld, square + i * g.ld + j, g.ld);
 }
 
 // Row i of E with the row's own maximum as its shift: E_i = exp(L_i − max_i), 0 in the
@@ -1006,10 +1006,11 @@ constexpr float kSmallestSum = 4.24835426e-18f;  // e^-40
 // The forward's rows of chunk m, in place in E (see shifted_exps). With P_i = E_i / T_i and
 // T_i = Σ_j E_i(j), row i becomes R'_i = T_i · R_i on its kept entries: E_i plus the
 // fusion of SPEC §3.7 in the row's own units. Its pruned entries keep E_i (the fusion reads
-// them; A·V skips them). Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j).
-// Saves lse_i and Z_i. Scratch: `bitmaps` holds Ω · bitmap_words(g) words (left holding
-// the rows' masks), `logit_scratch` ld floats.
-void chunk_forward_rows(const Geometry& g, int64_t m, const float* logits, float shift, float* exps,
+// them; A·V skips them). Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j). A row
+// whose T_i is too small or not finite is recomputed from X (rows, `scale`) with its own
+// maximum as the shift. Saves lse_i and Z_i. Scratch: `bitmaps` holds Ω · bitmap_words(g)
+// words (left holding the rows' masks), `logit_scratch` ld floats.
+void chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scale, float shift, float* exps,
                         const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
                         float* logit_scratch, float* lse, float* row_sum, float* alpha) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
@@ -1033,7 +1034,7 @@ void chunk_forward_rows(const Geometry& g, int64_t m, const float* logits, float
       total[r] = hsum(sum);
       kept[r] = hsum(kept_sum);
       if (total[r] >= kSmallestSum && total[r] <= __FLT_MAX__) break;
-      logit_row(g, logits, i, logit_scratch);
+      logit_row(g, x, scale, i, logit_scratch);
       row_shift = row_shifted_exps(g, logit_scratch, row);
     }
     lse[r] = row_shift + __builtin_logf(total[r]);
@@ -1070,7 +1071,7 @@ void zero_pruned(const Geometry& g, int64_t m, const uint64_t* bitmaps, float* e
 
 bool reserve_forward(const Geometry& g, Workspace& ws) {
   return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
-         ws.logits.reserve(g.square()) && ws.weights.reserve(g.square()) &&
+         ws.logits.reserve(g.square()) &&
          ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(2 * 64 * 64) &&
          ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
 }
@@ -1133,14 +1134,14 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
   // E = exp(L − c) with one shift for all rows (symmetric: half the exps), then one chunk
   // of rows at a time while it is in cache: softmax sums, weights with fusion, and A·V
   // over the kept entries only.
-  float* exps = ws.weights.data;
-  const float shift = logit_bound(g, ws.logits.data);
-  shifted_exps(g, ws.logits.data, shift, exps);
+  float* exps = ws.logits.data;
+  const float shift = logit_bound(g, exps);
+  shifted_exps(g, shift, exps);
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
-    chunk_forward_rows(g, m, ws.logits.data, shift, exps, words, match, rho, fp.p.fuse, ws.bitmap.data,
-                       ws.column.data, lse + r0, row_sum + r0, alpha);
+    chunk_forward_rows(g, m, ws.x.data, static_cast<float>(fp.p.scale), shift, exps, words, match, rho, fp.p.fuse,
+                       ws.bitmap.data, ws.column.data, lse + r0, row_sum + r0, alpha);
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
     float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;
     const int64_t ldo = in_place ? g.dv : g.dvp;
