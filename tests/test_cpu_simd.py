@@ -248,7 +248,7 @@ def test_selection_with_scores_far_from_normal(capability, keep_ratio, shape):
 
 @needs_avx2
 @pytest.mark.parametrize("spread", [1.0, 2.0, 4.0, 12.0])
-@pytest.mark.parametrize("dv", [16, 10])
+@pytest.mark.parametrize("dv", [64, 16, 10])  # the 64-wide A·V path, the paired one, a padded one
 def test_tokens_of_very_different_norms(capability, spread, dv):
     """The AVX2 forward shifts every logit by one bound (the largest |L_ii|) so that exp(L − c)
     is symmetric; rows far below the bound, whose sums would lose float32 precision, are
