@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import bspf_ext
 from bspf_ext import reference
 from bspf_ext._ops import unpack_mask_words
+from support import OUTPUT_RTOL, assert_mask_near_float64, assert_match_near_float64, random_inputs
 
 
 def _cpu_has_avx2() -> bool:
@@ -34,8 +35,7 @@ def _cpu_has_avx2() -> bool:
 HAS_AVX2 = _cpu_has_avx2()
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2+FMA")
 
-NEAR_TIE = 1e-4  # relative window around a block's k-th float64 score (float32 rounding is ~1e-7)
-RTOL = 1e-5
+RTOL = OUTPUT_RTOL[torch.float32]
 
 
 @pytest.fixture
@@ -49,10 +49,7 @@ def capability(monkeypatch):
 
 
 def _inputs(b, h, n, d, dv=None, *, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    qk = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64).to(dtype)
-    v = torch.randn(b, h, n, dv or d, generator=gen, dtype=torch.float64).to(dtype)
-    return qk, v
+    return random_inputs(b, h, n, d, dv, dtype=dtype, seed=seed)
 
 
 def _forward(qk, v, *, block_size, keep_ratio, fuse=True, scale=None, kernel=None):
@@ -64,55 +61,6 @@ def _forward(qk, v, *, block_size, keep_ratio, fuse=True, scale=None, kernel=Non
     )
     mask = unpack_mask_words(words, qk.shape[-2], block_size)
     return out, mask, match.long(), (words, match, rho, lse, row_sum)
-
-
-def _block_scores64(qk, block_size, scale=None, kernel=None):
-    """S_mn for every block (SPEC §3.2) in float64, laid out as (B, H, N, N)."""
-    qk = qk.double()
-    n = qk.shape[-2]
-    scale = qk.shape[-1] ** -0.5 if scale is None else scale
-    kernel = reference.box_kernel(torch.float64) if kernel is None else kernel.double()
-    chunks = -(-n // block_size)
-    padded = chunks * block_size
-    logits = F.pad(scale * qk @ qk.transpose(-1, -2), (0, padded - n, 0, padded - n))
-    batch = logits.shape[:-2]
-    blocks = logits.reshape(-1, chunks, block_size, chunks, block_size).transpose(2, 3)
-    scores = F.conv2d(blocks.reshape(-1, 1, block_size, block_size), kernel.reshape(1, 1, 3, 3), padding=1)
-    scores = scores.reshape(-1, chunks, chunks, block_size, block_size).transpose(2, 3)
-    return scores.reshape(*batch, padded, padded)[..., :n, :n]
-
-
-def _assert_mask_near_float64(mask, qk, *, block_size, keep_ratio, scale=None, kernel=None):
-    """SPEC §6 (a): equal to the float64 mask except near a block's k-th score."""
-    kernel64 = None if kernel is None else kernel.double()
-    mask64 = reference.block_mask(qk.double(), kernel64, block_size=block_size, keep_ratio=keep_ratio, scale=scale)
-    differ = mask != mask64
-    if not differ.any():
-        return
-    scores = _block_scores64(qk, block_size, scale, kernel)
-    n = qk.shape[-2]
-    for bi, hi, i, j in differ.nonzero().tolist():
-        if i // block_size > j // block_size:  # judge the upper block
-            i, j = j, i
-        rows = slice(i // block_size * block_size, min(i // block_size * block_size + block_size, n))
-        cols = slice(j // block_size * block_size, min(j // block_size * block_size + block_size, n))
-        assert rows != cols, "diagonal blocks must be full"
-        block = scores[bi, hi, rows, cols]
-        kth = block[mask64[bi, hi, rows, cols]].min()
-        window = NEAR_TIE * max(block.abs().max().item(), 1e-30)
-        assert abs(scores[bi, hi, i, j] - kth) <= window, f"mask differs at ({bi}, {hi}, {i}, {j}), not a near-tie"
-
-
-def _assert_match_near_float64(match, qk, *, block_size):
-    qk64 = qk.double()
-    expected = reference.best_match(qk64, block_size=block_size)
-    for bi, hi, i in (match != expected).nonzero().tolist():
-        x = qk64[bi, hi]
-
-        def cos(a, c):
-            return (x[a] @ x[c] / (x[a].norm() * x[c].norm()).clamp_min(1e-8)).item()
-
-        assert abs(cos(i, match[bi, hi, i]) - cos(i, expected[bi, hi, i])) <= NEAR_TIE
 
 
 def _reference_with(qk, v, mask, match, *, block_size, keep_ratio, fuse=True, scale=None, kernel=None):
@@ -127,8 +75,8 @@ def _check_path(qk, v, *, block_size, keep_ratio, fuse=True, scale=None, kernel=
     """The current path's forward against the reference per SPEC §6; returns its outputs."""
     out, mask, match, saved = _forward(qk, v, block_size=block_size, keep_ratio=keep_ratio, fuse=fuse, scale=scale,
                                        kernel=kernel)
-    _assert_mask_near_float64(mask, qk, block_size=block_size, keep_ratio=keep_ratio, scale=scale, kernel=kernel)
-    _assert_match_near_float64(match, qk, block_size=block_size)
+    assert_mask_near_float64(mask, qk, kernel, block_size=block_size, keep_ratio=keep_ratio, scale=scale)
+    assert_match_near_float64(match, qk, block_size=block_size)
     expected = _reference_with(qk, v, mask, match, block_size=block_size, keep_ratio=keep_ratio, fuse=fuse,
                                scale=scale, kernel=kernel)
     torch.testing.assert_close(out.double(), expected, rtol=RTOL, atol=RTOL)
