@@ -845,7 +845,8 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
 
 // ---------------------------------------------------------------- probabilities
 
-// Row i of P recomputed from saved lse_i (the backward): exp(L − lse_i), 0 in the padding.
+// exp(row − shift) in place, 0 in the padding: a row of P from its saved lse (the
+// backward), or a forward row with its own maximum (row_shifted_exps).
 void probs_row(const Geometry& g, float* row, float lse) {
   const __m256 vlse = _mm256_set1_ps(lse);
   for (int64_t j = 0; j < g.ld; j += kLanes) {
@@ -889,22 +890,19 @@ void shifted_exps(const Geometry& g, float shift, float* square) {
     for (int64_t j = 0; j < i; j += 8) transpose8(square + j * g.ld + i, g.ld, square + i * g.ld + j, g.ld);
 }
 
-// Row i of E with the row's own maximum as its shift: E_i = exp(L_i − max_i), 0 in the
-// padding. For the rows whose sum under the common shift is too small for float32 (a
-// token of small norm beside one of large norm) or not finite. Returns max_i.
-float row_shifted_exps(const Geometry& g, const float* l, float* e) {
+// Row i of E with the row's own maximum as its shift, for the rows whose sum under the
+// common shift is too small for float32 (a token of small norm beside one of large norm)
+// or not finite: L_i recomputed from X into `row`, then E_i = exp(L_i − max_i) in place,
+// 0 in the padding. Returns max_i.
+float row_shifted_exps(const Geometry& g, const float* x, float scale, int64_t i, float* row) {
+  logit_row(g, x, scale, i, row);
   const int64_t full = g.n / kLanes * kLanes;
   const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
   __m256 mx = neg_inf;
-  for (int64_t j = 0; j < full; j += kLanes) mx = _mm256_max_ps(mx, _mm256_loadu_ps(l + j));
-  if (full < g.n) mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(l + full), lane_mask(g.n - full)));
+  for (int64_t j = 0; j < full; j += kLanes) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + j));
+  if (full < g.n) mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(row + full), lane_mask(g.n - full)));
   const float row_max = hmax(mx);
-  const __m256 vmax = _mm256_set1_ps(row_max);
-  for (int64_t j = 0; j < g.ld; j += kLanes) {
-    __m256 v = exp256(_mm256_sub_ps(_mm256_loadu_ps(l + j), vmax));
-    if (j + kLanes > g.n) v = _mm256_and_ps(v, lane_mask(g.n - j));
-    _mm256_storeu_ps(e + j, v);
-  }
+  probs_row(g, row, row_max);
   return row_max;
 }
 
@@ -1015,10 +1013,10 @@ constexpr float kSmallestSum = 4.24835426e-18f;  // e^-40
 // them; A·V skips them). Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j). A row
 // whose T_i is too small or not finite is recomputed from X (rows, `scale`) with its own
 // maximum as the shift. Saves lse_i and Z_i. Scratch: `bitmaps` holds Ω · bitmap_words(g)
-// words (left holding the rows' masks), `logit_scratch` ld floats.
+// words (left holding the rows' masks).
 void chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scale, float shift, float* exps,
                         const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
-                        float* logit_scratch, float* lse, float* row_sum, float* alpha) {
+                        float* lse, float* row_sum, float* alpha) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
   float total[64], kept[64];
   for (int64_t r = 0; r < rows; ++r) {
@@ -1040,8 +1038,7 @@ void chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scal
       total[r] = hsum(sum);
       kept[r] = hsum(kept_sum);
       if (total[r] >= kSmallestSum && total[r] <= __FLT_MAX__) break;
-      logit_row(g, x, scale, i, logit_scratch);
-      row_shift = row_shifted_exps(g, logit_scratch, row);
+      row_shift = row_shifted_exps(g, x, scale, i, row);
     }
     lse[r] = row_shift + __builtin_logf(total[r]);
   }
@@ -1079,7 +1076,7 @@ bool reserve_forward(const Geometry& g, Workspace& ws) {
   return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
          ws.logits.reserve(g.square()) &&
          ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(2 * 64 * 64) &&
-         ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.column.reserve(g.ld) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
+         ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
 }
 
 // X gathered, Xᵀ, and L (the shared first steps of every entry point).
@@ -1147,7 +1144,7 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
     chunk_forward_rows(g, m, ws.x.data, static_cast<float>(fp.p.scale), shift, exps, words, match, rho, fp.p.fuse,
-                       ws.bitmap.data, ws.column.data, lse + r0, row_sum + r0, alpha);
+                       ws.bitmap.data, lse + r0, row_sum + r0, alpha);
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
     float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;
     const int64_t ldo = in_place ? g.dv : g.dvp;
