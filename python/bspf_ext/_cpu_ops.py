@@ -9,17 +9,13 @@ from . import _C, _params
 from ._ops import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
 
 
-def _kernel_buffer(score_kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return score_kernel.to(_params.accumulation_dtype(dtype)).contiguous()
-
-
 @forward_op.register_kernel("cpu")
 def _forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
     outputs = allocate_forward(qk, v, block_size)
     out, mask_words, match, rho, lse, row_sum = outputs
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
         return tuple(t.zero_() for t in outputs)
-    kernel = _kernel_buffer(score_kernel, qk.dtype)
+    kernel = _params.kernel_buffer(score_kernel, qk.dtype)
     saved = _params.saved(_C, mask_words, match, rho, lse, row_sum)
     params = _params.forward_params(
         _C, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved, torch.get_num_threads()
@@ -48,7 +44,7 @@ def _block_mask_cpu(qk, score_kernel, block_size, keep_ratio, scale):
     mask_words = torch.empty((b, h, n, _params.num_chunks(n, block_size)), dtype=torch.int64)
     if mask_words.numel() == 0:
         return torch.empty((b, h, n, n), dtype=torch.bool)
-    kernel = _kernel_buffer(score_kernel, qk.dtype)
+    kernel = _params.kernel_buffer(score_kernel, qk.dtype)
     saved = _C.Saved()
     saved.mask_words = mask_words.data_ptr()
     # v is not read by the mask kernel; qk stands in so the struct is well formed.

@@ -10,10 +10,6 @@ from . import _cuda, _params
 from ._ops import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
 
 
-def _kernel_buffer(score_kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return score_kernel.to(_params.accumulation_dtype(dtype)).contiguous()
-
-
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -25,7 +21,7 @@ def _forward_cuda(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
         return tuple(t.zero_() for t in outputs)
     with torch.cuda.device(qk.device):
-        kernel = _kernel_buffer(score_kernel, qk.dtype)
+        kernel = _params.kernel_buffer(score_kernel, qk.dtype)
         saved = _params.saved(_cuda, mask_words, match, rho, lse, row_sum)
         params = _params.forward_params(_cuda, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved, 0)
         _cuda.forward(params, qk.device.index, _stream(qk.device))
@@ -63,7 +59,7 @@ def _block_mask_cuda(qk, score_kernel, block_size, keep_ratio, scale):
     if mask_words.numel() == 0:
         return torch.empty((b, h, n, n), dtype=torch.bool, device=qk.device)
     with torch.cuda.device(qk.device):
-        kernel = _kernel_buffer(score_kernel, qk.dtype)
+        kernel = _params.kernel_buffer(score_kernel, qk.dtype)
         saved = _cuda.Saved()
         saved.mask_words = mask_words.data_ptr()
         # v is not read by the mask kernel; qk stands in so the struct is well formed.

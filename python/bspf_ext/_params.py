@@ -21,6 +21,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def kernel_buffer(score_kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 3×3 score kernel as the kernels read it: contiguous, in the accumulation type."""
+    return score_kernel.to(accumulation_dtype(dtype)).contiguous()
+
+
 def num_chunks(seqlen: int, block_size: int) -> int:
     return -(-seqlen // block_size)
 
