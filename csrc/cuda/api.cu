@@ -1,4 +1,4 @@
-// The CUDA entry points: argument checks, the device, the size limit, dtype dispatch.
+// The CUDA entry points: argument checks, the device, each op's size limit, dtype dispatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -7,11 +7,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "backward.cuh"
 #include "bspf/cuda.h"
-#include "forward.cuh"
 #include "launch.h"
-#include "mask.cuh"
 
 namespace bspf::cuda {
 
@@ -33,16 +30,79 @@ const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
-template <typename A>
-size_t shared_bytes_for(int32_t omega, int64_t chunks) {
-  const int32_t c = static_cast<int32_t>(std::min<int64_t>(chunks, INT32_MAX));
-  return std::max({MaskLayout::make<A>(omega).bytes, ForwardLayout::make<A>(omega, c).bytes,
-                   RowStatsLayout::make<A>(omega, c).bytes, GradientsLayout::make<A>(omega, c).bytes});
+template <typename Fn>
+void by_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(float{});
+    case DType::kFloat64: return fn(double{});
+    case DType::kFloat16: return fn(__half{});
+    case DType::kBFloat16: return fn(__nv_bfloat16{});
+  }
 }
 
-size_t shared_bytes_chunks(DType dtype, int32_t block_size, int64_t chunks) {
-  return dtype == DType::kFloat64 ? shared_bytes_for<double>(block_size, chunks)
-                                  : shared_bytes_for<float>(block_size, chunks);
+// The shared-memory limit `max_seqlen` and `shared_bytes` assume without a device: an
+// H100's opt-in limit per block.
+constexpr size_t kReferenceSmemLimit = 227 * 1024;
+
+enum class Op { kForward, kBackward };
+
+const char* op_name(Op op) { return op == Op::kForward ? "forward" : "backward"; }
+
+size_t op_shared_bytes(Op op, const Problem& p, size_t limit) {
+  size_t bytes = 0;
+  by_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    bytes = op == Op::kForward ? forward_shared_bytes<T>(p, limit) : backward_shared_bytes<T>(p, limit);
+  });
+  return bytes;
+}
+
+Problem sized(DType dtype, int32_t block_size, int64_t seqlen) {
+  Problem p;
+  p.dtype = dtype;
+  p.batch = p.heads = 1;
+  p.seqlen = seqlen;
+  p.head_dim = p.value_dim = 64;
+  p.block_size = block_size;
+  return p;
+}
+
+// The largest seqlen op runs for this dtype and block size under `limit` (the need grows
+// with N), for head dims of 64 (the kernels' staged tiles grow with D too: the error at
+// launch uses the problem's own sizes).
+int64_t op_max_seqlen(Op op, const Problem& like, size_t limit) {
+  int64_t lo = 0, hi = int64_t{1} << 24;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    Problem p = like;
+    p.seqlen = mid;
+    if (op_shared_bytes(op, p, limit) <= limit)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+size_t device_smem_limit(int32_t device) {
+  int optin = 0;
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "querying the device's shared memory");
+  return static_cast<size_t>(optin);
+}
+
+// Makes `device` current for this thread's runtime and checks that op fits the problem;
+// returns the device's shared-memory limit, which the launchers plan with.
+size_t prepare(Op op, const Problem& p, int32_t device) {
+  check(cudaSetDevice(device), "selecting the CUDA device (is an NVIDIA GPU with a working driver present?)");
+  const size_t limit = device_smem_limit(device);
+  if (op_shared_bytes(op, p, limit) > limit)
+    throw std::invalid_argument("seqlen N = " + std::to_string(p.seqlen) + " is too long for the bspf CUDA " +
+                                op_name(op) + " (" + dtype_name(p.dtype) + ", block_size " +
+                                std::to_string(p.block_size) + ", head dims " + std::to_string(p.head_dim) + "/" +
+                                std::to_string(p.value_dim) + "): the largest N it supports on this device is " +
+                                std::to_string(op_max_seqlen(op, p, limit)));
+  return limit;
 }
 
 void check_problem(const Problem& p) {
@@ -57,21 +117,6 @@ void check_problem(const Problem& p) {
 
 bool empty(const Problem& p) { return p.batch == 0 || p.heads == 0 || p.seqlen == 0; }
 
-// Makes `device` current for this thread's runtime and checks that the problem fits.
-void prepare(const Problem& p, int32_t device) {
-  check(cudaSetDevice(device), "selecting the CUDA device (is an NVIDIA GPU with a working driver present?)");
-  int optin = 0;
-  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-        "querying the device's shared memory");
-  const int64_t chunks = (p.seqlen + p.block_size - 1) / p.block_size;
-  const size_t bytes = shared_bytes_chunks(p.dtype, p.block_size, chunks);
-  if (bytes > static_cast<size_t>(optin))
-    throw std::invalid_argument("seqlen N = " + std::to_string(p.seqlen) + " is too long for the bspf CUDA kernels (" +
-                                dtype_name(p.dtype) + ", block_size " + std::to_string(p.block_size) +
-                                "): the largest supported N on this device is " +
-                                std::to_string(max_seqlen(p.dtype, p.block_size, device)));
-}
-
 void require(const void* pointer, const char* name) {
   if (pointer == nullptr) throw std::invalid_argument(std::string("bspf CUDA kernels: ") + name + " is null");
 }
@@ -85,37 +130,19 @@ void require_saved(const Saved& saved) {
   require(saved.row_sum, "row_sum");
 }
 
-template <typename Fn>
-void by_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: return fn(float{});
-    case DType::kFloat64: return fn(double{});
-    case DType::kFloat16: return fn(__half{});
-    case DType::kBFloat16: return fn(__nv_bfloat16{});
-  }
-}
-
 }  // namespace
 
 int64_t shared_bytes(DType dtype, int32_t block_size, int64_t seqlen) {
-  return static_cast<int64_t>(shared_bytes_chunks(dtype, block_size, (seqlen + block_size - 1) / block_size));
+  const Problem p = sized(dtype, block_size, seqlen);
+  return static_cast<int64_t>(std::max(op_shared_bytes(Op::kForward, p, kReferenceSmemLimit),
+                                       op_shared_bytes(Op::kBackward, p, kReferenceSmemLimit)));
 }
 
 int64_t max_seqlen(DType dtype, int32_t block_size, int32_t device) {
   if (block_size < 1 || block_size > 64) throw std::invalid_argument("block_size must be in [1, 64]");
-  int optin = 0;
-  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-        "querying the device's shared memory");
-  // The largest chunk count that fits (the need grows with it), times Ω.
-  int64_t lo = 0, hi = int64_t{1} << 24;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (shared_bytes_chunks(dtype, block_size, mid) <= static_cast<size_t>(optin))
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo * block_size;
+  const size_t limit = device_smem_limit(device);
+  const Problem p = sized(dtype, block_size, 0);
+  return std::min(op_max_seqlen(Op::kForward, p, limit), op_max_seqlen(Op::kBackward, p, limit));
 }
 
 void mask(const ForwardParams& params, int32_t device, std::uintptr_t stream) {
@@ -124,9 +151,9 @@ void mask(const ForwardParams& params, int32_t device, std::uintptr_t stream) {
   require(params.qk, "qk");
   require(params.score_kernel, "score_kernel");
   require(params.saved.mask_words, "mask_words");
-  prepare(params.p, device);
+  const size_t limit = prepare(Op::kForward, params.p, device);
   by_dtype(params.p.dtype, [&](auto tag) {
-    launch_mask<decltype(tag)>(params, reinterpret_cast<cudaStream_t>(stream));
+    launch_mask<decltype(tag)>(params, limit, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 
@@ -138,9 +165,9 @@ void forward(const ForwardParams& params, int32_t device, std::uintptr_t stream)
   require(params.score_kernel, "score_kernel");
   require_saved(params.saved);
   if (params.p.value_dim > 0) require(params.out, "out");
-  prepare(params.p, device);
+  const size_t limit = prepare(Op::kForward, params.p, device);
   by_dtype(params.p.dtype, [&](auto tag) {
-    launch_forward<decltype(tag)>(params, reinterpret_cast<cudaStream_t>(stream));
+    launch_forward<decltype(tag)>(params, limit, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 
@@ -159,9 +186,9 @@ void backward(const BackwardParams& params, const BackwardWorkspace& workspace, 
     require(params.grad_v, "grad_v");
     require(workspace.grad_v_acc, "grad_v_acc");
   }
-  prepare(params.p, device);
+  const size_t limit = prepare(Op::kBackward, params.p, device);
   by_dtype(params.p.dtype, [&](auto tag) {
-    launch_backward<decltype(tag)>(params, workspace, reinterpret_cast<cudaStream_t>(stream));
+    launch_backward<decltype(tag)>(params, workspace, limit, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 

@@ -14,6 +14,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "launch.cuh"
 #include "strip.cuh"
 
 namespace bspf::cuda {
@@ -424,6 +425,39 @@ template <typename T>
 __global__ void __launch_bounds__(256) cast_kernel(const acc_t<T>* src, T* dst, int64_t count) {
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < count; e += int64_t{gridDim.x} * blockDim.x)
     dst[e] = from_acc<T>(src[e]);
+}
+
+template <typename T>
+size_t backward_shared_bytes(const Problem& p, size_t) {
+  using A = acc_t<T>;
+  const Chunks ch(p.seqlen, p.block_size);
+  return std::max(RowStatsLayout::make<A>(ch.omega, ch.count).bytes, GradientsLayout::make<A>(ch.omega, ch.count).bytes);
+}
+
+template <typename T>
+void launch_backward(const BackwardParams& params, const BackwardWorkspace& workspace, size_t, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const Chunks ch(params.p.seqlen, params.p.block_size);
+  const dim3 grid = grid_for(ch.count, params.p.pairs());
+  launch_kernel(row_stats_kernel<T>, grid, kThreads, RowStatsLayout::make<A>(ch.omega, ch.count).bytes, stream,
+                "launching the backward row-statistics kernel", params, workspace.row_stats);
+  launch_kernel(gradients_kernel<T>, grid, kThreads, GradientsLayout::make<A>(ch.omega, ch.count).bytes, stream,
+                "launching the backward gradients kernel", params, static_cast<const void*>(workspace.row_stats),
+                workspace.grad_qk_acc, workspace.grad_v_acc);
+  const int64_t rows = params.p.pairs() * params.p.seqlen;
+  const struct {
+    const void* acc;
+    void* out;
+    int64_t count;
+  } casts[2] = {{workspace.grad_qk_acc, params.grad_qk, rows * params.p.head_dim},
+                {workspace.grad_v_acc, params.grad_v, rows * params.p.value_dim}};
+  for (const auto& c : casts) {
+    if (c.acc == c.out || c.count == 0) continue;
+    const int64_t blocks = std::min<int64_t>((c.count + 255) / 256, 65535);
+    launch_kernel(cast_kernel<T>, dim3(static_cast<unsigned>(blocks)), 256, 0, stream,
+                  "launching the gradient cast kernel", static_cast<const A*>(c.acc), static_cast<T*>(c.out),
+                  c.count);
+  }
 }
 
 }  // namespace bspf::cuda

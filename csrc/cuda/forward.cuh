@@ -7,6 +7,8 @@
 #pragma once
 
 #include "common.cuh"
+#include "launch.cuh"
+#include "mask.cuh"
 #include "strip.cuh"
 
 namespace bspf::cuda {
@@ -179,6 +181,33 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams fp) {
         for (int i = tid; i < rows; i += kThreads) z_g[r0 + i] = z[i];
     }
   }
+}
+
+template <typename T>
+size_t forward_shared_bytes(const Problem& p, size_t) {
+  using A = acc_t<T>;
+  const Chunks ch(p.seqlen, p.block_size);
+  return std::max(MaskLayout::make<A>(ch.omega).bytes, ForwardLayout::make<A>(ch.omega, ch.count).bytes);
+}
+
+template <typename T>
+void launch_mask(const ForwardParams& params, size_t, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const Chunks ch(params.p.seqlen, params.p.block_size);
+  const int64_t C = ch.count;
+  const int64_t keep_full = keep_count(params.keep_ratio, ch.omega, ch.omega);
+  const int64_t keep_last = keep_count(params.keep_ratio, ch.omega, ch.size(C - 1));
+  launch_kernel(mask_kernel<T>, grid_for(C * C, params.p.pairs()), kThreads, MaskLayout::make<A>(ch.omega).bytes,
+                stream, "launching the mask kernel", params, keep_full, keep_last);
+}
+
+template <typename T>
+void launch_forward(const ForwardParams& params, size_t limit, cudaStream_t stream) {
+  using A = acc_t<T>;
+  launch_mask<T>(params, limit, stream);
+  const Chunks ch(params.p.seqlen, params.p.block_size);
+  launch_kernel(forward_kernel<T>, grid_for(ch.count, params.p.pairs()), kThreads,
+                ForwardLayout::make<A>(ch.omega, ch.count).bytes, stream, "launching the forward kernel", params);
 }
 
 }  // namespace bspf::cuda

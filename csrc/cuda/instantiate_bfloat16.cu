@@ -1,5 +1,5 @@
 // The CUDA kernels for bfloat16 inputs.
-#include "launch.cuh"
+#include "instantiate.cuh"
 
 namespace bspf::cuda {
 BSPF_INSTANTIATE_LAUNCHERS(__nv_bfloat16)

@@ -1,5 +1,5 @@
 // The CUDA kernels for float64 inputs.
-#include "launch.cuh"
+#include "instantiate.cuh"
 
 namespace bspf::cuda {
 BSPF_INSTANTIATE_LAUNCHERS(double)
