@@ -52,6 +52,12 @@ __device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }
 template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
 
+// std::min is host-only without --expt-relaxed-constexpr.
+template <typename I>
+__host__ __device__ __forceinline__ constexpr I lesser(I a, I b) {
+  return b < a ? b : a;
+}
+
 // cos(x, y) = x·y / max(‖x‖‖y‖, 1e-8) (SPEC §3.5).
 constexpr double kCosEps = 1e-8;
 
