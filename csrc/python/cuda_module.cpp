@@ -35,4 +35,8 @@ PYBIND11_MODULE(_cuda, m) {
         "The largest N the kernels accept for this dtype and block size on the device.");
   m.def("shared_bytes", &bspf::cuda::shared_bytes, py::arg("dtype"), py::arg("block_size"), py::arg("seqlen"),
         "Shared memory per block the kernels need for this problem.");
+  m.def("driver_version", &bspf::cuda::driver_version,
+        "The newest CUDA version the installed driver supports, as 1000*major + 10*minor (0: no driver).");
+  m.def("runtime_version", &bspf::cuda::runtime_version,
+        "The CUDA runtime version this module was built with and links statically, as 1000*major + 10*minor.");
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _cuda, _params
+from . import _backends, _cuda, _params
 from ._ops import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
 
 
@@ -16,6 +16,7 @@ def _stream(device: torch.device) -> int:
 
 @forward_op.register_kernel("cuda")
 def _forward_cuda(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
+    _backends.check_cuda_driver()
     outputs = allocate_forward(qk, v, block_size)
     out, mask_words, match, rho, lse, row_sum = outputs
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
@@ -30,6 +31,7 @@ def _forward_cuda(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
 
 @backward_op.register_kernel("cuda")
 def _backward_cuda(grad_out, qk, v, mask_words, match, rho, lse, row_sum, block_size, fuse, scale):
+    _backends.check_cuda_driver()
     acc = _params.accumulation_dtype(qk.dtype)
     with torch.cuda.device(qk.device):
         # The kernels accumulate each token's gradient in the accumulation type, then cast;
@@ -54,6 +56,7 @@ def _backward_cuda(grad_out, qk, v, mask_words, match, rho, lse, row_sum, block_
 
 @block_mask_op.register_kernel("cuda")
 def _block_mask_cuda(qk, score_kernel, block_size, keep_ratio, scale):
+    _backends.check_cuda_driver()
     b, h, n, _ = qk.shape
     mask_words = torch.empty((b, h, n, _params.num_chunks(n, block_size)), dtype=torch.int64, device=qk.device)
     if mask_words.numel() == 0:

@@ -41,4 +41,11 @@ int64_t max_seqlen(DType dtype, int32_t block_size, int32_t device);
 // Shared memory per block the kernels need for this problem (any device).
 int64_t shared_bytes(DType dtype, int32_t block_size, int64_t seqlen);
 
+// CUDA versions as 1000·major + 10·minor (13000 is CUDA 13.0), for the driver check in
+// Python; neither needs a GPU. driver_version: the newest CUDA the installed driver
+// supports, 0 when no driver is installed. runtime_version: the CUDA runtime linked into
+// this module (statically), i.e. the toolkit it was built with.
+int32_t driver_version();
+int32_t runtime_version();
+
 }  // namespace bspf::cuda
