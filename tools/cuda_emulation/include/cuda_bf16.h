@@ -19,7 +19,6 @@ struct alignas(2) __nv_bfloat16 {
   __nv_bfloat16() = default;
   __nv_bfloat16(const __nv_bfloat16_raw& r) : __x(r.x) {}
   __nv_bfloat16(float f);
-  __nv_bfloat16(double f);
   operator float() const;
   operator __nv_bfloat16_raw() const { return __nv_bfloat16_raw{__x}; }
 };
@@ -62,13 +61,7 @@ inline __nv_bfloat16 __float2bfloat16_rd(float f) {
 inline __nv_bfloat16 __float2bfloat16_ru(float f) {
   return bspf_emulation::float_to_bfloat16(f, bspf_emulation::Round::kUp);
 }
-inline __nv_bfloat16 __double2bfloat16(double d) {
-  return bspf_emulation::bfloat16_from_bits(
-      bspf_emulation::round_to_16bit<8, 7>(d, bspf_emulation::Round::kNearestEven));
-}
-
 inline __nv_bfloat16::__nv_bfloat16(float f) : __x(__float2bfloat16_rn(f).__x) {}
-inline __nv_bfloat16::__nv_bfloat16(double f) : __x(__double2bfloat16(f).__x) {}
 inline __nv_bfloat16::operator float() const { return __bfloat162float(*this); }
 
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }

@@ -23,7 +23,6 @@ struct alignas(2) __half {
   __half() = default;
   __half(const __half_raw& r) : __x(r.x) {}
   __half(float f);
-  __half(double f);
   operator float() const;
   operator __half_raw() const { return __half_raw{__x}; }
 };
@@ -85,14 +84,7 @@ inline __half __float2half_rd(float f) {
 inline __half __float2half_ru(float f) {
   return bspf_emulation::half_from_bits(bspf_emulation::float_to_half_bits(f, bspf_emulation::Round::kUp));
 }
-// Directly from double, one rounding (as CUDA 12's __double2half).
-inline __half __double2half(double d) {
-  return bspf_emulation::half_from_bits(
-      bspf_emulation::round_to_16bit<5, 10>(d, bspf_emulation::Round::kNearestEven));
-}
-
 inline __half::__half(float f) : __x(__float2half_rn(f).__x) {}
-inline __half::__half(double f) : __x(__double2half(f).__x) {}
 inline __half::operator float() const { return __half2float(*this); }
 
 inline unsigned short __half_as_ushort(__half h) { return h.__x; }

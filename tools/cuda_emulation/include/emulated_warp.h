@@ -98,10 +98,6 @@ inline void __syncwarp(unsigned mask = 0xFFFFFFFFu, BSPF_EMULATION_SITE_PARAMS) 
                                   BSPF_EMULATION_SITE);
 }
 
-// The lanes of the warp that have not exited (the emulator runs no lane ahead of
-// another, so "converged" means every live lane).
-inline unsigned __activemask() { return bspf_emulation::live_lanes(); }
-
 template <typename T>
 inline unsigned __match_any_sync(unsigned mask, T value, BSPF_EMULATION_SITE_PARAMS) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8, "__match_any_sync takes 32- or 64-bit values");

@@ -49,7 +49,7 @@ bool is(const char* a, const char* b) { return std::strcmp(a, b) == 0; }
 enum class Op {
   kShfl, kShflUp, kShflDown, kShflXor, kShflXor64, kBallot, kAny, kAll, kMatchAny, kMatchAll,
   kReduceAdd, kReduceMin, kReduceMax, kReduceMinSigned, kReduceMaxSigned, kReduceAnd, kReduceOr, kReduceXor,
-  kSyncwarp, kActivemask, kUnknown
+  kSyncwarp, kUnknown
 };
 
 Op op_named(const char* name) {
@@ -62,7 +62,7 @@ Op op_named(const char* name) {
                {"reduce_add", Op::kReduceAdd}, {"reduce_min", Op::kReduceMin}, {"reduce_max", Op::kReduceMax},
                {"reduce_min_signed", Op::kReduceMinSigned}, {"reduce_max_signed", Op::kReduceMaxSigned},
                {"reduce_and", Op::kReduceAnd}, {"reduce_or", Op::kReduceOr}, {"reduce_xor", Op::kReduceXor},
-               {"syncwarp", Op::kSyncwarp}, {"activemask", Op::kActivemask}};
+               {"syncwarp", Op::kSyncwarp}};
   for (const auto& e : table)
     if (is(name, e.name)) return e.op;
   return Op::kUnknown;
@@ -112,7 +112,6 @@ __global__ void warp_op_kernel(WarpCase c) {
     case Op::kReduceOr: r = __reduce_or_sync(c.mask, v); break;
     case Op::kReduceXor: r = __reduce_xor_sync(c.mask, v); break;
     case Op::kSyncwarp: __syncwarp(c.mask); r = 1; break;
-    case Op::kActivemask: r = __activemask(); break;
     case Op::kUnknown: break;
   }
   c.results[lane] = r;
@@ -275,7 +274,7 @@ __global__ void nothing(long long*) {}
 
 }  // namespace
 
-// Conversions between float/double and the 16-bit formats, element by element.
+// Conversions between float and the 16-bit formats, element by element.
 BSPF_PROBE_API int bspf_probe_convert(const char* kind, const void* src, void* dst, int64_t n) {
   auto map = [&](auto fn, auto in_tag, auto out_tag) {
     using In = decltype(in_tag);
@@ -288,13 +287,11 @@ BSPF_PROBE_API int bspf_probe_convert(const char* kind, const void* src, void* d
   else if (is(kind, "float2half_rz")) map(__float2half_rz, float{}, __half{});
   else if (is(kind, "float2half_rd")) map(__float2half_rd, float{}, __half{});
   else if (is(kind, "float2half_ru")) map(__float2half_ru, float{}, __half{});
-  else if (is(kind, "double2half")) map(__double2half, double{}, __half{});
   else if (is(kind, "half2float")) map(__half2float, __half{}, float{});
   else if (is(kind, "float2bfloat16_rn")) map(__float2bfloat16_rn, float{}, __nv_bfloat16{});
   else if (is(kind, "float2bfloat16_rz")) map(__float2bfloat16_rz, float{}, __nv_bfloat16{});
   else if (is(kind, "float2bfloat16_rd")) map(__float2bfloat16_rd, float{}, __nv_bfloat16{});
   else if (is(kind, "float2bfloat16_ru")) map(__float2bfloat16_ru, float{}, __nv_bfloat16{});
-  else if (is(kind, "double2bfloat16")) map(__double2bfloat16, double{}, __nv_bfloat16{});
   else if (is(kind, "bfloat162float")) map(__bfloat162float, __nv_bfloat16{}, float{});
   else return static_cast<int>(cudaErrorInvalidValue);
   return 0;

@@ -708,12 +708,6 @@ constexpr int kInvalidConfiguration = 9, kInvalidValue = 1, kMemoryAllocation = 
 
 int current_lane() { return g_current != nullptr ? g_current->lane : 0; }
 
-unsigned live_lanes() {
-  if (g_current == nullptr) return 0;
-  const Warp& w = g_cta.warps[g_current->warp];
-  return w.existing & ~w.exited;
-}
-
 void fail(const char* message, Site site) {
   if (g_current == nullptr) {
     std::fprintf(stderr, "bspf_emulation: %s at %s outside a kernel\n", message, where(site).c_str());

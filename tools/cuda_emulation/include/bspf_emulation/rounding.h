@@ -1,4 +1,4 @@
-// Rounding of float/double to the 16-bit formats, bit-exact with cuda_fp16.h and
+// Rounding of float to the 16-bit formats, bit-exact with cuda_fp16.h and
 // cuda_bf16.h: IEEE rounding (subnormals, overflow to infinity or to the largest finite
 // value as the mode says), and NaN becomes the canonical 0x7FFF that CUDA's
 // conversions return.
@@ -12,22 +12,15 @@ namespace bspf_emulation {
 enum class Round { kNearestEven, kTowardZero, kDown, kUp };
 
 // A binary format with `ExpBits` exponent and `MantBits` stored mantissa bits (fp16: 5,
-// 10; bf16: 8, 7). Source is float or double.
-template <int ExpBits, int MantBits, typename Source>
-inline uint16_t round_to_16bit(Source value, Round mode) {
-  constexpr bool kDouble = sizeof(Source) == 8;
-  constexpr int kSrcMant = kDouble ? 52 : 23;
-  constexpr int kSrcBias = kDouble ? 1023 : 127;
-  constexpr uint64_t kSrcExpMask = kDouble ? 0x7FF : 0xFF;
-  uint64_t bits;
-  if constexpr (kDouble) {
-    std::memcpy(&bits, &value, 8);
-  } else {
-    uint32_t b32;
-    std::memcpy(&b32, &value, 4);
-    bits = b32;
-  }
-  const bool negative = (bits >> (kDouble ? 63 : 31)) & 1;
+// 10; bf16: 8, 7).
+template <int ExpBits, int MantBits>
+inline uint16_t round_to_16bit(float value, Round mode) {
+  constexpr int kSrcMant = 23, kSrcBias = 127;
+  constexpr uint64_t kSrcExpMask = 0xFF;
+  uint32_t b32;
+  std::memcpy(&b32, &value, 4);
+  const uint64_t bits = b32;
+  const bool negative = (bits >> 31) & 1;
   const uint16_t sign = negative ? 0x8000 : 0;
   const uint64_t exp_field = (bits >> kSrcMant) & kSrcExpMask;
   const uint64_t mant_field = bits & ((uint64_t{1} << kSrcMant) - 1);
@@ -48,9 +41,9 @@ inline uint16_t round_to_16bit(Source value, Round mode) {
   const int te = e > kEmin ? e : kEmin;
   const int shift = kSrcMant - MantBits + (te - e);
   uint64_t q, rest, half;
-  if (shift >= 64) {
+  if (shift >= 64) {  // far below half the smallest subnormal
     q = 0;
-    rest = m;  // nonzero, far below half an ulp
+    rest = m;
     half = ~uint64_t{0};
   } else {
     q = m >> shift;

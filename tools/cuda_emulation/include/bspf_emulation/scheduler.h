@@ -68,10 +68,8 @@ enum class WarpOp : int {
 void warp_collective(WarpOp op, const char* name, unsigned mask, const void* in, void* out, unsigned bytes,
                      unsigned lane_arg, unsigned control, Site site);
 
-// Lane of the running thread inside its warp, and the lanes of its warp that exist and
-// have not exited.
+// Lane of the running thread inside its warp.
 int current_lane();
-unsigned live_lanes();
 
 // Reports an error in kernel code (e.g. __trap, a bad intrinsic argument): the launch
 // fails with `message` and the thread never resumes.
