@@ -103,7 +103,7 @@ def test_bad_config(overrides):
 
 
 def test_wrong_image_size_is_a_clear_error():
-    with pytest.raises(ValueError, match="expected images"):
+    with pytest.raises(ValueError, match="images must have shape"):
         models.vit_tiny(**SMALL)(_images(size=48))
 
 

@@ -122,6 +122,8 @@ forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_backend(qk: Tensor) -> None:
+    if qk.device.type == "meta":
+        return  # shapes only: the fake implementation answers (deferred init, FLOP counting)
     if qk.device.type == "cpu":
         if qk.dtype not in (torch.float32, torch.float64):
             raise TypeError(
@@ -133,7 +135,7 @@ def _check_backend(qk: Tensor) -> None:
 
         _backends.require_cuda(qk)
     else:
-        raise ValueError(f"qk must be on a cpu or cuda device, got {qk.device}")
+        raise ValueError(f"qk must be on a cpu, cuda or meta device, got {qk.device}")
 
 
 def _default_kernel(score_kernel, qk: Tensor) -> Tensor:

@@ -16,11 +16,14 @@ images are never seen in training, not even as half of a pair.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
+
+from ._validation import check_float, check_int
 
 __all__ = ["EmbeddedDataset", "DATASETS", "load", "digits", "digit_pairs", "digit_images"]
 
@@ -60,14 +63,18 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images[:, None], size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
 
 
-def _check_size(image_size: int, minimum: int) -> None:
-    if not isinstance(image_size, int) or image_size < minimum:
-        raise ValueError(f"image_size must be an int >= {minimum}, got {image_size!r}")
+def _check_common(image_size, minimum: int, seed, test_fraction) -> None:
+    """The arguments both datasets take."""
+    check_int("image_size", image_size, low=minimum)
+    check_int("seed", seed)
+    # Both pools need images: a fraction of 0 or 1 would leave one of them empty.
+    if not 0.0 < check_float("test_fraction", test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
 
 
 def digits(image_size: int = 32, seed: int = 0, test_fraction: float = 0.25) -> EmbeddedDataset:
     """One digit per image, upscaled to image_size × image_size, 10 classes."""
-    _check_size(image_size, 8)
+    _check_common(image_size, 8, seed, test_fraction)
     images, labels = digit_images()
     generator = torch.Generator().manual_seed(seed)
     train, test = _split(len(labels), test_fraction, generator)
@@ -127,8 +134,14 @@ def digit_pairs(
     while one that can approaches 100%. With two easy digits the task isolates long-range
     interaction from digit recognition; more classes make recognition harder too.
     """
-    _check_size(image_size, 16)
+    _check_common(image_size, 16, seed, test_fraction)
+    check_int("train_size", train_size, low=1)
+    check_int("test_size", test_size, low=1)
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
+        raise TypeError(f"classes must be a sequence of two or more distinct digits 0-9, got {classes!r}")
     classes = tuple(classes)
+    if any(isinstance(c, bool) or not isinstance(c, int) for c in classes):
+        raise TypeError(f"classes must be a sequence of two or more distinct digits 0-9, got {classes!r}")
     if len(set(classes)) < 2 or not set(classes) <= set(range(10)) or len(set(classes)) != len(classes):
         raise ValueError(f"classes must be two or more distinct digits 0-9, got {classes!r}")
     images, labels = digit_images()
@@ -155,6 +168,12 @@ DATASETS = {"digits": digits, "digit-pairs": digit_pairs}
 
 def load(name: str, **kwargs) -> EmbeddedDataset:
     """An embedded dataset by name: one of DATASETS."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset must be one of {sorted(DATASETS)}, got {type(name).__name__} {name!r}")
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
-    return DATASETS[name](**kwargs)
+    builder = DATASETS[name]
+    unknown = sorted(set(kwargs) - set(inspect.signature(builder).parameters))
+    if unknown:
+        raise TypeError(f"dataset {name!r} takes no options {unknown}; it takes {list(inspect.signature(builder).parameters)}")
+    return builder(**kwargs)

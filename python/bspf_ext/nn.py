@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._ops import block_mask, block_symmetric_attention
-from ._validation import check_block_size, check_fuse, check_keep_ratio
+from ._validation import (
+    check_block_size,
+    check_bool,
+    check_choice,
+    check_float,
+    check_fuse,
+    check_int,
+    check_keep_ratio,
+    check_tokens,
+)
 
 __all__ = ["BlockSymmetricAttention", "DenseAttention", "ChunkAttention", "score_kernel_from_theta", "SCORINGS"]
 
@@ -33,18 +42,20 @@ def score_kernel_from_theta(theta: Tensor) -> Tensor:
 
 
 def _check_dim_heads(dim, num_heads) -> int:
-    for name, value in (("dim", dim), ("num_heads", num_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int("dim", dim, low=1)
+    check_int("num_heads", num_heads, low=1)
     if dim % num_heads:
         raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
     return dim // num_heads
 
 
 def _check_dropout(name: str, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
-    return float(p)
+    return check_float(name, p, low=0, high=1)
+
+
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        check_bool(name, value)
 
 
 def _norm(norm_layer: Optional[Callable[[int], nn.Module]], enabled: bool, width: int, what: str) -> nn.Module:
@@ -52,6 +63,8 @@ def _norm(norm_layer: Optional[Callable[[int], nn.Module]], enabled: bool, width
         return nn.Identity()
     if norm_layer is None:
         raise ValueError(f"{what}=True needs a norm_layer (e.g. torch.nn.LayerNorm)")
+    if not callable(norm_layer):
+        raise TypeError(f"norm_layer must be a callable width -> nn.Module (e.g. torch.nn.LayerNorm), got {norm_layer!r}")
     return norm_layer(width)
 
 
@@ -82,6 +95,8 @@ class DenseAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.head_dim = _check_dim_heads(dim, num_heads)
+        _check_flags(qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_norm, proj_bias=proj_bias)
+        self.dim = dim
         self.num_heads = num_heads
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -99,6 +114,7 @@ class DenseAttention(nn.Module):
         )
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        check_tokens("x", x, channels=self.dim, owner=type(self).__name__)
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -184,6 +200,8 @@ class BlockSymmetricAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.head_dim = _check_dim_heads(dim, num_heads)
+        _check_flags(qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_norm, proj_bias=proj_bias)
+        self.dim = dim
         self.num_heads = num_heads
         self.scale = self.head_dim**-0.5
         self.block_size = check_block_size(block_size)
@@ -194,9 +212,7 @@ class BlockSymmetricAttention(nn.Module):
                 f"attn_drop must be 0.0 for BlockSymmetricAttention, got {attn_drop}: the attention "
                 "probabilities live only inside the fused operator, so dropout cannot be applied to them"
             )
-        if scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-        self.scoring = scoring
+        self.scoring = check_choice("scoring", scoring, SCORINGS)
 
         self.qk = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -225,9 +241,13 @@ class BlockSymmetricAttention(nn.Module):
         b, n, _ = x.shape
         return self.qk_norm(self.qk(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2))
 
+    def _check_input(self, x) -> None:
+        check_tokens("x", x, channels=self.dim, owner=type(self).__name__)
+
     @torch.no_grad()
     def keep_mask(self, x: Tensor) -> Tensor:
         """The keep mask this layer chooses for tokens x (B, N, C): (B, heads, N, N) bool."""
+        self._check_input(x)
         qk = self.shared_qk(x)
         if qk.device.type == "cpu" and qk.dtype not in (torch.float32, torch.float64):
             qk = qk.float()
@@ -238,6 +258,7 @@ class BlockSymmetricAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         _check_no_attn_mask(attn_mask, is_causal)
+        self._check_input(x)
         b, n, c = x.shape
         qk = self.shared_qk(x)
         v = self.v(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)

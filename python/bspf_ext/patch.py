@@ -12,9 +12,39 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from .models.convert import attention_from_dense
+from . import _validation as check
+from .models.convert import QK_INITS, attention_from_dense
+from .nn import SCORINGS
 
 __all__ = ["timm", "swap_attention"]
+
+# The BlockSymmetricAttention options a swap may set; the rest come from the dense module.
+_CHECKS = {
+    "block_size": check.check_block_size,
+    "keep_ratio": check.check_keep_ratio,
+    "fuse": check.check_fuse,
+    "scoring": lambda value: check.check_choice("scoring", value, SCORINGS),
+}
+
+
+def _check_arguments(model, layers, qk_init, bspf_kwargs) -> Optional[list]:
+    """Every argument checked before any module is touched (and before timm is imported).
+    Returns `layers` as a list (None stays None)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if layers is not None:
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"layers must be None or a sequence of attention-module indices, got {layers!r}")
+        layers = list(layers)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise TypeError(f"layers must be a sequence of int indices, got {layers!r}")
+    check.check_choice("qk_init", qk_init, QK_INITS)
+    unknown = sorted(set(bspf_kwargs) - set(_CHECKS))
+    if unknown:
+        raise TypeError(f"unknown BlockSymmetricAttention options {unknown}; the options are {sorted(_CHECKS)}")
+    for name, value in bspf_kwargs.items():
+        _CHECKS[name](value)
+    return layers
 
 
 def swap_attention(
@@ -29,14 +59,17 @@ def swap_attention(
     may compute something else) with BSPF layers. `layers` picks among them by their order
     in `model.named_modules()` (for a ViT, the block index; None: all). Returns the names of
     the replaced modules."""
+    layers = _check_arguments(model, layers, qk_init, bspf_kwargs)
+    if not isinstance(attention_types, tuple) or not all(isinstance(t, type) for t in attention_types):
+        raise TypeError(f"attention_types must be a tuple of classes, got {attention_types!r}")
     found = [(name, m) for name, m in model.named_modules() if type(m) in attention_types]
     if layers is None:
         chosen = range(len(found))
     else:
-        chosen = sorted({int(i) % len(found) for i in layers}) if found else []
         for i in layers:
             if not -len(found) <= i < len(found):
-                raise ValueError(f"layers must index the model's {len(found)} attention modules, got {list(layers)}")
+                raise ValueError(f"layers must index the model's {len(found)} attention modules, got {layers}")
+        chosen = sorted({i % len(found) for i in layers})
     replaced = []
     for index in chosen:
         name, module = found[index]
@@ -52,6 +85,7 @@ def timm(model: nn.Module, *, layers: Optional[Sequence[int]] = None, qk_init: s
     place and returns the model. `bspf_kwargs`: block_size, keep_ratio, fuse, scoring.
 
     Raises ImportError without timm, ValueError when the model has no timm ViT attention."""
+    layers = _check_arguments(model, layers, qk_init, bspf_kwargs)
     try:
         from timm.models.vision_transformer import Attention
     except ImportError as error:

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validation import check_bool, check_choice, check_int
 from ..nn import BlockSymmetricAttention
+from .vit import VisionTransformer
 
 __all__ = [
     "QK_INITS",
@@ -46,8 +48,7 @@ QK_INITS = ("spectral", "mean", "q", "k")
 
 
 def _check_qk_init(qk_init: str) -> None:
-    if qk_init not in QK_INITS:
-        raise ValueError(f"qk_init must be one of {QK_INITS}, got {qk_init!r}")
+    check_choice("qk_init", qk_init, QK_INITS)
 
 
 def _spectral_head(w_q: Tensor, w_k: Tensor) -> Tensor:
@@ -71,6 +72,10 @@ def shared_qk_projection(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """(W_qk, b_qk) for a BSPF layer from a dense layer's (W_q, W_k, b_q, b_k); see the module doc."""
     _check_qk_init(qk_init)
+    for name, value in (("w_q", w_q), ("w_k", w_k), ("b_q", b_q), ("b_k", b_k)):
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_int("num_heads", num_heads, low=1)
     if w_q.shape != w_k.shape or w_q.dim() != 2:
         raise ValueError(f"w_q and w_k must be matrices of one shape, got {tuple(w_q.shape)} and {tuple(w_k.shape)}")
     if (b_q is None) != (b_k is None):
@@ -107,7 +112,7 @@ def convert_attention_state(state: Mapping[str, Tensor], num_heads: int, qk_init
     as a BlockSymmetricAttention state (`qk.*`, `v.*`, `qk_norm.*`, `norm.*`, `proj.*`)."""
     _check_qk_init(qk_init)
     if "qkv.weight" not in state:
-        raise KeyError(f"a dense attention state needs 'qkv.weight'; got keys {sorted(state)}")
+        raise ValueError(f"state must hold 'qkv.weight' (a dense attention layer's state); got keys {sorted(state)}")
     w_q, w_k, w_v = state["qkv.weight"].chunk(3, dim=0)
     bias = state.get("qkv.bias")
     b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
@@ -200,10 +205,20 @@ def resample_pos_embed(pos_embed: Tensor, grid_size: int, num_prefix_tokens: int
 
 def _unwrap(state_dict: Mapping) -> dict:
     """Checkpoints often hold the weights under 'model' or 'state_dict', or with a 'module.' prefix."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     for key in ("model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], Mapping):
             state_dict = state_dict[key]
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise TypeError(f"state_dict must map names to tensors, got {key!r}: {type(value).__name__}")
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"model must be a bspf_ext VisionTransformer (bspf_ext.models.vit_*), got {type(model).__name__}")
 
 
 def convert_state_dict(
@@ -212,7 +227,9 @@ def convert_state_dict(
     """A timm-format ViT/DeiT state_dict rewritten for `model` (a bspf_ext VisionTransformer):
     BSPF blocks get W_qk per `qk_init`, pos_embed is resampled to the model's patch grid,
     and with `skip_head` the classifier head is the model's own (for a new number of classes)."""
+    _check_model(model)
     _check_qk_init(qk_init)
+    check_bool("skip_head", skip_head)
     source = _unwrap(state_dict)
     target = model.state_dict()
     out = {}
@@ -220,6 +237,9 @@ def convert_state_dict(
         prefix = f"blocks.{i}.attn."
         layer = _strip(source, prefix)
         if isinstance(block.attn, BlockSymmetricAttention):
+            if "qkv.weight" not in layer:
+                raise ValueError(f"state_dict has no {prefix + 'qkv.weight'!r}: not a timm-format ViT/DeiT state_dict "
+                                 f"of this model's depth ({len(model.blocks)} blocks)")
             layer = convert_attention_state(layer, block.attn.num_heads, qk_init)
             if block.attn.theta is not None:
                 layer["theta"] = target[prefix + "theta"]
@@ -248,6 +268,13 @@ def load_timm_state_dict(
 ) -> nn.Module:
     """Loads a timm-format ViT/DeiT state_dict into a bspf_ext VisionTransformer whatever its
     attention layers (dense and chunk layers load as they are, BSPF layers are converted);
-    strict: a missing or unexpected key is an error. Returns the model."""
-    model.load_state_dict(convert_state_dict(state_dict, model, qk_init=qk_init, skip_head=skip_head))
+    strict: a missing or unexpected key is a ValueError. Returns the model."""
+    converted = convert_state_dict(state_dict, model, qk_init=qk_init, skip_head=skip_head)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
+    if missing or unexpected:
+        problems = [f"{what} keys {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+                    for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise ValueError(f"state_dict does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(converted)
     return model

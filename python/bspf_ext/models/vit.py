@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_block_size, check_bool, check_choice, check_float, check_int, check_keep_ratio
 from ..nn import SCORINGS, BlockSymmetricAttention, ChunkAttention, DenseAttention
 
 __all__ = [
@@ -64,20 +65,26 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: no head), got {self.num_classes!r}")
+            check_int(name, getattr(self, name), low=1)
+        check_int("num_classes", self.num_classes, low=0)  # 0: no head
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        check_float("mlp_ratio", self.mlp_ratio, low=0, low_open=True)
+        check_bool("qkv_bias", self.qkv_bias)
+        check_float("drop_rate", self.drop_rate, low=0, high=1)
+        check_float("drop_path_rate", self.drop_path_rate, low=0, high=1)
+        check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("scoring", self.scoring, SCORINGS)
+        check_block_size(self.block_size)
+        check_keep_ratio(self.keep_ratio)
+        check_bool("fuse", self.fuse)
         if self.attention_layers is not None:
+            if isinstance(self.attention_layers, (str, bytes)) or not hasattr(self.attention_layers, "__iter__"):
+                raise TypeError(
+                    f"attention_layers must be None or a sequence of block indices, got {self.attention_layers!r}"
+                )
             layers = tuple(self.attention_layers)
             for i in layers:
                 if isinstance(i, bool) or not isinstance(i, int) or not -self.depth <= i < self.depth:
@@ -132,11 +139,14 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(
-                f"expected images of shape (B, {self.proj.in_channels}, {self.img_size}, {self.img_size}), "
-                f"got {tuple(x.shape)}"
-            )
+        expected = (self.proj.in_channels, self.img_size, self.img_size)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape (B, {', '.join(map(str, expected))}), "
+                            f"got {type(x).__name__}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor, got dtype {x.dtype}")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -202,13 +212,16 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
+        if not isinstance(config, ViTConfig):
+            raise TypeError(f"config must be a ViTConfig, got {type(config).__name__}")
         self.config = config
         dim = config.embed_dim
         self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, dim))
         self.pos_drop = nn.Dropout(config.drop_rate)
-        drop_paths = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        # On the CPU whatever the default device, so a model can be built under torch.device("meta").
+        drop_paths = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
             *(Block(config, config.attention_of(i), drop_paths[i]) for i in range(config.depth))
         )
@@ -245,8 +258,10 @@ class VisionTransformer(nn.Module):
 
 def _build(size: str, attention: str, attention_layers: Optional[Sequence[int]], **overrides) -> VisionTransformer:
     embed_dim, depth, num_heads = SIZES[size]
-    if attention_layers is not None:
-        attention_layers = tuple(attention_layers)
+    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"vit_{size}: unknown options {unknown}; the options are ViTConfig's fields {sorted(known)}")
     fields = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
     fields.update(overrides)  # e.g. depth=2 for a small test model
     config = ViTConfig(attention=attention, attention_layers=attention_layers, **fields)

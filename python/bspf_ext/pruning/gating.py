@@ -17,18 +17,10 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ._checks import _describe, check_bool, check_mask, check_positive_float, check_tokens
+from ._checks import check_bool, check_float, check_int, check_mask, check_positive_float, check_tokens
 from .tokens import gather_kept, gather_tokens, kept_indices, scatter_kept
 
 KEEP = 1  # channel of the gate's two logits that means "process this token"
-
-
-def _positive_int(name: str, value, meaning: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int ({meaning}), got {_describe(value)}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int ({meaning}), got {value}")
-    return value
 
 
 class SelectiveGate(nn.Module):
@@ -45,10 +37,11 @@ class SelectiveGate(nn.Module):
     def __init__(self, dim: int, *, hidden_dim: Optional[int] = None, tau: float = 1.0,
                  init_keep_logit: float = 2.0, has_class_token: bool = True):
         super().__init__()
-        dim = _positive_int("dim", dim, "the token width C")
-        hidden_dim = max(dim // 4, 1) if hidden_dim is None else _positive_int("hidden_dim", hidden_dim, "None means C/4")
+        dim = check_int("dim", dim, low=1)
+        hidden_dim = max(dim // 4, 1) if hidden_dim is None else check_int("hidden_dim", hidden_dim, low=1)
         self.dim = dim
         self.tau = check_positive_float("tau", tau)
+        init_keep_logit = check_float("init_keep_logit", init_keep_logit)
         self.has_class_token = check_bool("has_class_token", has_class_token)
         self.mlp = nn.Sequential(
             nn.LayerNorm(dim), nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 2)
@@ -167,11 +160,16 @@ class GatedBlock(nn.Module):
         if not isinstance(block, nn.Module):
             raise TypeError(f"block must be an nn.Module mapping (B, N, C) to (B, N, C), got {type(block).__name__}")
         self.block = block
+        if gate is not None and not isinstance(gate, SelectiveGate):
+            raise TypeError(f"gate must be a SelectiveGate or None, got {type(gate).__name__}")
         self.gate = gate if gate is not None else SelectiveGate(
             dim, tau=tau, init_keep_logit=init_keep_logit, has_class_token=has_class_token
         )
-        if gate is not None and (gate.dim != dim or gate.has_class_token != has_class_token):
-            raise ValueError("the gate given disagrees with dim / has_class_token")
+        if gate is not None and (gate.dim != check_int("dim", dim, low=1) or gate.has_class_token != has_class_token):
+            raise ValueError(
+                f"gate disagrees with dim / has_class_token: the gate has dim={gate.dim}, "
+                f"has_class_token={gate.has_class_token}; given dim={dim}, has_class_token={has_class_token}"
+            )
         self.pass_key_mask = takes_key_mask(block) if pass_key_mask is None else check_bool("pass_key_mask", pass_key_mask)
         self.last_mask: Optional[torch.Tensor] = None
 
@@ -193,6 +191,8 @@ def gate_blocks(blocks: Iterable[nn.Module], dim: int, gated: Iterable[int], **g
     SViT's default for a 12-block ViT gates blocks 3 … 11 (0-based); see svit_keep_targets.
     """
     blocks = list(blocks)
+    if isinstance(gated, (str, bytes)) or not hasattr(gated, "__iter__"):
+        raise TypeError(f"gated must be an iterable of block indices, got {type(gated).__name__}")
     gated = set(gated)
     bad = [i for i in gated if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(blocks)]
     if bad:

@@ -22,6 +22,8 @@ def _check(masks: Masks, targets) -> tuple:
         if masks.dim() != 3:
             raise ValueError(f"masks must be a (L, B, N) tensor or a list of (B, N) tensors, got shape {tuple(masks.shape)}")
         masks = list(masks.unbind(0))
+    elif isinstance(masks, (str, bytes)) or not hasattr(masks, "__iter__"):
+        raise TypeError(f"masks must be a (L, B, N) tensor or a list of (B, N) tensors, got {_describe(masks)}")
     else:
         masks = list(masks)
     if not masks:
@@ -33,6 +35,8 @@ def _check(masks: Masks, targets) -> tuple:
             raise ValueError(f"masks[{i}] must be a non-empty (B, N) tensor with B = {masks[0].shape[0]}, got {tuple(m.shape)}")
     if isinstance(targets, numbers.Real) and not isinstance(targets, bool):
         targets = [float(targets)] * len(masks)
+    if isinstance(targets, (str, bytes, bool)) or not hasattr(targets, "__iter__"):
+        raise TypeError(f"targets must be one keep ratio or a sequence of them, got {_describe(targets)}")
     targets = list(targets)
     if len(targets) != len(masks):
         raise ValueError(f"targets must be one keep ratio or one per layer ({len(masks)}), got {len(targets)}")

@@ -16,6 +16,8 @@ def gate_masks(model: nn.Module, *, include_class_token: bool = False) -> List[t
     ViT), each (B, N) with 0/1 values — in training still carrying the gate's gradient, so
     they can go straight into the keep-ratio losses. The class token, always kept, is left
     out unless include_class_token."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module holding GatedBlocks, got {type(model).__name__}")
     masks = []
     for module in model.modules():
         if isinstance(module, GatedBlock):
