@@ -1,4 +1,9 @@
-"""The `bspf-ext` command (also `python -m bspf_ext`): demo, train, eval, viz, bench."""
+"""The `bspf-ext` command (also `python -m bspf_ext`): demo, train, eval, viz, bench.
+
+A user's mistake (a bad flag or config file, a missing or damaged checkpoint, an unreadable
+image) ends the command with one line on stderr, "bspf-ext <command>: error: ...", and exit
+status 2 — never a traceback. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,42 @@ if TYPE_CHECKING:
     from .training import TrainConfig
 
 __all__ = ["main"]
+
+# What a user's mistake raises once the arguments are parsed (the checks name the argument).
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, ImportError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the usage block it normally prints first is left to --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an int in [low, high] (no upper bound when high is None)."""
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,10 +75,24 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default: {f.default})")
 
 
+def _read_config_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no config file at {path}") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config file {path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise TypeError(f"config file {path} must hold a JSON object of TrainConfig fields, got {type(values).__name__}")
+    return values
+
+
 def _config_from_args(args) -> "TrainConfig":
     from .training import TrainConfig
 
-    values = json.loads(Path(args.config).read_text()) if args.config else {}
+    values = _read_config_file(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
         given = getattr(args, f.name)
         if given is not None:
@@ -84,7 +139,7 @@ def _cmd_viz(args) -> int:
         config = _config_from_args(args)
         state = None
     if config.attention != "bspf":
-        raise SystemExit(f"viz draws BSPF keep masks; the model's attention is {config.attention!r}")
+        raise ValueError(f"viz draws BSPF keep masks; the model's attention is {config.attention!r}")
     data = training.load_dataset(config)
     model = training.build_model(config, data.num_classes, data.in_chans)
     if state is not None:
@@ -93,6 +148,8 @@ def _cmd_viz(args) -> int:
         image = viz.load_image(args.image, config.image_size, data.in_chans)
         title = f"{args.image}"
     else:
+        if args.sample >= len(data.test):
+            raise ValueError(f"--sample must be a test sample index in [0, {len(data.test)}), got {args.sample}")
         image = data.test.tensors[0][args.sample]
         title = f"{config.dataset} test sample {args.sample} (label {int(data.test.tensors[1][args.sample])})"
     path = viz.draw_image_report(model, image, args.out, title=title, layer=args.layer, head=args.head)
@@ -111,13 +168,13 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bspf-ext", description="BSPF attention for vision transformers.")
+    parser = _Parser(prog="bspf-ext", description="BSPF attention for vision transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train dense, chunk and BSPF micro ViTs (and ablations), compare, draw")
     demo.add_argument("--out", default="runs/demo", help="folder for checkpoints, results and the figure")
-    demo.add_argument("--epochs", type=int, default=6)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=_int_in(1), default=6)
+    demo.add_argument("--seed", type=_int_in(0), default=0)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--variants", nargs="+", default=None, help="a subset of the runs, by name")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run on tiny data")
@@ -141,22 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     viz = sub.add_parser("viz", help="keep mask and token usage of a BSPF model for an image")
     viz.add_argument("--checkpoint", help="a trained BSPF checkpoint (default: an untrained model from the flags)")
     viz.add_argument("--image", help="an image file (PNG); default: an embedded test sample")
-    viz.add_argument("--sample", type=int, default=0, help="index of the embedded test sample")
-    viz.add_argument("--layer", type=int, default=0, help="which BSPF layer's mask to draw")
-    viz.add_argument("--head", type=int, default=0)
+    viz.add_argument("--sample", type=_int_in(0), default=0, help="index of the embedded test sample")
+    viz.add_argument("--layer", type=_int_in(0), default=0, help="which BSPF layer's mask to draw")
+    viz.add_argument("--head", type=_int_in(0), default=0)
     viz.add_argument("--out", default="bspf-viz.png")
     viz.add_argument("--config", help="JSON config for the untrained model")
     _add_config_flags(viz)
     viz.set_defaults(func=_cmd_viz)
 
     bench = sub.add_parser("bench", help="time the operator against dense attention at one shape")
-    bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--heads", type=int, default=6)
-    bench.add_argument("--seqlen", type=int, default=197)
-    bench.add_argument("--head-dim", type=int, default=64)
-    bench.add_argument("--block-size", type=int, default=16)
-    bench.add_argument("--keep-ratio", type=float, default=0.5)
-    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--batch", type=_int_in(1), default=8)
+    bench.add_argument("--heads", type=_int_in(1), default=6)
+    bench.add_argument("--seqlen", type=_int_in(1), default=197)
+    bench.add_argument("--head-dim", type=_int_in(1), default=64)
+    bench.add_argument("--block-size", type=_int_in(1, 64), default=16)
+    bench.add_argument("--keep-ratio", type=_ratio, default=0.5)
+    bench.add_argument("--repeats", type=_int_in(1), default=20)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--forward-only", action="store_true")
     bench.set_defaults(func=_cmd_bench)
@@ -167,6 +224,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"bspf-ext {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        message = " ".join(str(error).split())  # one line, whatever the exception's text holds
+        print(f"bspf-ext {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -9,10 +9,13 @@ resumed from a checkpoint continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
+import pickle
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,8 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import _validation as check
+from ._atomic import write_atomically, write_text_atomically
 from . import data as datasets
 from .models import ATTENTIONS, ViTConfig, VisionTransformer, count_flops
+from .nn import SCORINGS
 from .pruning import (
     SimilarityPatchPruning,
     SimilarityPrunedBlocks,
@@ -84,25 +90,39 @@ class TrainConfig:
     label: str = ""
 
     def __post_init__(self) -> None:
-        if self.model not in MODEL_SIZES:
-            raise ValueError(f"model must be one of {sorted(MODEL_SIZES)}, got {self.model!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.pruning not in PRUNINGS:
-            raise ValueError(f"pruning must be one of {PRUNINGS}, got {self.pruning!r}")
-        if not 0.0 <= self.prune_keep_ratio <= 1.0:
-            raise ValueError(f"prune_keep_ratio must be in [0, 1], got {self.prune_keep_ratio!r}")
-        if self.dataset not in datasets.DATASETS:
-            raise ValueError(f"dataset must be one of {sorted(datasets.DATASETS)}, got {self.dataset!r}")
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        # Every field, so a config file with a wrong type fails here, naming the field,
+        # rather than somewhere inside training. Floats are stored as floats (JSON may give 1).
+        check.check_choice("dataset", self.dataset, sorted(datasets.DATASETS))
+        for name in ("image_size", "patch_size", "train_size", "test_size", "epochs", "batch_size"):
+            check.check_int(name, getattr(self, name), low=1)
+        check.check_choice("model", self.model, sorted(MODEL_SIZES))
+        check.check_choice("attention", self.attention, ATTENTIONS)
+        check.check_block_size(self.block_size)
+        self.keep_ratio = check.check_keep_ratio(self.keep_ratio)
+        check.check_bool("fuse", self.fuse)
+        check.check_choice("scoring", self.scoring, SCORINGS)
+        check.check_choice("pruning", self.pruning, PRUNINGS)
+        self.prune_keep_ratio = check.check_keep_ratio(self.prune_keep_ratio, "prune_keep_ratio")
+        for name in ("attention_layers", "prune_layers"):
+            _check_layer_list(name, getattr(self, name))
+        self.prune_loss_weight = check.check_float("prune_loss_weight", self.prune_loss_weight, low=0)
+        self.lr = check.check_float("lr", self.lr, low=0, low_open=True)
+        self.weight_decay = check.check_float("weight_decay", self.weight_decay, low=0)
+        self.warmup_epochs = check.check_float("warmup_epochs", self.warmup_epochs, low=0)
+        check.check_int("seed", self.seed, low=0)
+        for name in ("device", "out_dir", "label"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {check._describe(getattr(self, name))}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        if not isinstance(values, dict):
+            raise TypeError(f"a config must be a JSON object of TrainConfig fields, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -122,6 +142,14 @@ class TrainConfig:
     @property
     def name(self) -> str:
         return self.label or self.attention
+
+
+def _check_layer_list(name: str, layers) -> None:
+    """None or a list of block indices (range-checked against the model when it is built)."""
+    if layers is None:
+        return
+    if not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise TypeError(f"{name} must be null or a list of block indices (ints), got {layers!r}")
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -230,25 +258,69 @@ def _setup_distributed(device: torch.device) -> tuple[_Distributed, torch.device
     return dist_info, device
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# Test hook (tests/test_checkpoint_kill.py): BSPF_TEST_STALL_CHECKPOINT="<epoch>:<marker file>"
+# makes the write of that epoch's checkpoint stop half-way: half of its bytes reach the
+# temporary file (flushed to disk), the marker file is created, and the process sleeps
+# until it is killed. So "killed while writing a checkpoint" is a moment a test can reach
+# deterministically instead of by racing the writer.
+STALL_CHECKPOINT_ENV = "BSPF_TEST_STALL_CHECKPOINT"
+
+
+def _stall_marker(epoch: int) -> Optional[Path]:
+    request = os.environ.get(STALL_CHECKPOINT_ENV, "")
+    stall_epoch, _, marker = request.partition(":")
+    return Path(marker) if marker and stall_epoch == str(epoch) else None
+
+
+def _stall_half_written(state: dict, file, marker: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    file.write(data[: len(data) // 2])
+    file.flush()
+    os.fsync(file.fileno())
+    marker.write_text(f"{os.getpid()}\n")
+    while True:  # until killed
+        time.sleep(60)
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Writes a training checkpoint atomically (bspf_ext._atomic): a kill at any moment
+    leaves the previous checkpoint intact."""
+
+    def write(file) -> None:
+        marker = _stall_marker(state["epoch"])
+        if marker is not None:
+            _stall_half_written(state, file, marker)
+        torch.save(state, file)
+
+    write_atomically(path, write)
 
 
 def _write_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(obj, indent=2) + "\n")
+
+
+CHECKPOINT_KEYS = ("config", "epoch", "history", "model", "optimizer", "scheduler")
 
 
 def load_checkpoint(path) -> dict:
+    """A checkpoint written by train (a file, or the run's out_dir holding checkpoint.pt).
+    FileNotFoundError when there is none; ValueError when the file is not a whole checkpoint
+    (truncated, corrupt, or something else saved with torch.save)."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {error}") from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} is not a bspf-ext training checkpoint: it lacks {missing}")
+    return state
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -455,7 +527,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
                     "seconds": seconds,
                 }
             )
-            _atomic_save(
+            save_checkpoint(
                 {
                     "config": config.to_dict(),
                     "epoch": epoch + 1,

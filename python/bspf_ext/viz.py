@@ -55,7 +55,12 @@ def load_image(path, image_size: int, in_chans: int = 1) -> Tensor:
     """An image file as a (in_chans, image_size, image_size) float tensor in [0, 1]."""
     import matplotlib.image as mpimg
 
-    array = mpimg.imread(str(path))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no image file at {path}")
+    try:
+        array = mpimg.imread(str(path))
+    except (OSError, SyntaxError, ValueError) as error:  # PIL reports "not a PNG file" as a SyntaxError
+        raise ValueError(f"image {path} is unreadable (not an image, or truncated): {error}") from error
     image = torch.as_tensor(array, dtype=torch.float32)
     if image.max() > 1.0:
         image = image / 255.0
@@ -101,12 +106,16 @@ def draw_image_report(model, image: Tensor, path, *, title: str = "", layer: int
     """Three panels: the image, one layer/head's keep mask, and the token-usage heatmap."""
     plt = _pyplot()
     masks = keep_masks(model, image)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(masks):
+        raise ValueError(f"layer must be a BSPF layer index in [0, {len(masks)}), got {layer!r}")
+    heads = masks[layer].shape[0]
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
+        raise ValueError(f"head must be a head index in [0, {heads}), got {head!r}")
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     axes[0].imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if image.shape[0] == 1 else None)
     axes[0].set_title("input")
     axes[0].set_xticks([])
     axes[0].set_yticks([])
-    layer = min(layer, len(masks) - 1)
     _draw_mask(axes[1], masks[layer][head], f"keep mask, BSPF layer {layer}, head {head} (black: kept)")
     _draw_usage(axes[2], image, token_usage(masks))
     if title:
