@@ -23,19 +23,19 @@ __global__ void __launch_bounds__(256) cast_kernel(const acc_t<T>* src, T* dst, 
 
 template <typename T>
 size_t backward_shared_bytes(const Problem&, size_t) {
-  return BackwardPlan::make<T>().bytes();
+  return BackwardPlan<T>::bytes;
 }
 
 template <typename T>
 void launch_backward(const BackwardParams& params, const BackwardWorkspace& workspace, size_t, cudaStream_t stream) {
   using A = acc_t<T>;
   const Chunks ch(params.p.seqlen, params.p.block_size);
-  const BackwardPlan plan = BackwardPlan::make<T>();
+  using Plan = BackwardPlan<T>;
   const dim3 grid = grid_for(GradStrips(ch).count, params.p.pairs());
-  launch_kernel(row_stats_kernel<T>, grid, kThreads, plan.r_bytes, stream,
-                "launching the backward row-statistics kernel", params, plan, workspace.row_stats);
-  launch_kernel(gradients_kernel<T>, grid, kThreads, plan.g_bytes, stream, "launching the backward gradients kernel",
-                params, plan, static_cast<const void*>(workspace.row_stats), workspace.grad_qk_acc,
+  launch_kernel(row_stats_kernel<T>, grid, kThreads, Plan::r_bytes, stream,
+                "launching the backward row-statistics kernel", params, workspace.row_stats);
+  launch_kernel(gradients_kernel<T>, grid, kThreads, Plan::g_bytes, stream, "launching the backward gradients kernel",
+                params, static_cast<const void*>(workspace.row_stats), workspace.grad_qk_acc,
                 workspace.grad_v_acc);
   const int64_t rows = params.p.pairs() * params.p.seqlen;
   const struct {

@@ -38,7 +38,7 @@ __device__ void add_cosine_terms(const StripRows<acc_t<T>>& own, const Rows<T>& 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   __syncthreads();
   for (int q = warp; q < J.rows; q += kWarps) {
-    const int b = own.match[q];
+    const int b = own.match(q);
     A norm2 = A(0), cross = A(0);
     for (int64_t f = lane; f < dim; f += 32) {
       const A xq = to_acc(x(J.r0 + q, f));
@@ -48,8 +48,8 @@ __device__ void add_cosine_terms(const StripRows<acc_t<T>>& own, const Rows<T>& 
     norm2 = warp_sum(norm2);
     cross = warp_sum(cross);
     if (lane == 0) {
-      own.norm2[q] = norm2;
-      own.cross[q] = cross;
+      own.norm2(q) = norm2;
+      own.cross(q) = cross;
     }
   }
   __syncthreads();
@@ -61,17 +61,17 @@ __device__ void add_cosine_terms(const StripRows<acc_t<T>>& own, const Rows<T>& 
     const A xq = to_acc(x(J.r0 + q, f));
     A sum = A(0);
     for (int i = lo; i < hi; ++i) {
-      const int b = own.match[i];
-      const A grad = own.grad_rho[i];
-      if (b == i || !(own.rho[i] > A(0)) || grad == A(0) || (i != q && b != q)) continue;
-      const A norm_i = sqrt_acc(own.norm2[i]), norm_b = sqrt_acc(own.norm2[b]);
+      const int b = own.match(i);
+      const A grad = own.grad_rho(i);
+      if (b == i || !(own.rho(i) > A(0)) || grad == A(0) || (i != q && b != q)) continue;
+      const A norm_i = sqrt_acc(own.norm2(i)), norm_b = sqrt_acc(own.norm2(b));
       const A prod = norm_i * norm_b;
       // i == q: the derivative in x_i, partner x_b; else q = b(i), partner x_i.
       const int partner = i == q ? b : i;
       const A norm_q = i == q ? norm_i : norm_b;
       const A x_partner = to_acc(x(J.r0 + partner, f));
       if (prod >= eps) {
-        const A cos = own.cross[i] / prod;
+        const A cos = own.cross(i) / prod;
         sum += grad * (x_partner / prod - cos * xq / (norm_q * norm_q));
       } else {
         sum += grad * x_partner / eps;
@@ -81,32 +81,106 @@ __device__ void add_cosine_terms(const StripRows<acc_t<T>>& own, const Rows<T>& 
   }
 }
 
+// Everything a tile (J, I) reads in shared memory, at the plan's constant offsets.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
-    gradients_kernel(BackwardParams bp, BackwardPlan plan, const void* row_stats, void* grad_qk_acc,
-                     void* grad_v_acc) {
+struct GradTile {
   using A = acc_t<T>;
   using S = staged_t<T>;
-  extern __shared__ __align__(16) unsigned char smem[];
-  A* dr1 = reinterpret_cast<A*>(smem + plan.g_dr);  // [j][i] = dR(i, j)
-  A* dr2 = dr1 + kGradStrip * plan.tile_pitch;       // [j][i] = dR(j, i)
-  S* transposed = reinterpret_cast<S*>(smem + plan.g_dr);  // step 4 only: the dR tiles are dead
-  S* ds = reinterpret_cast<S*>(smem + plan.g_ds);
-  S* w = reinterpret_cast<S*>(smem + plan.g_w);
-  S* slice_a = reinterpret_cast<S*>(smem + plan.g_slice_a);
-  S* slice_b = reinterpret_cast<S*>(smem + plan.g_slice_b);
-  uint64_t* mask_ij = reinterpret_cast<uint64_t*>(smem + plan.g_masks);  // rows I, columns J
-  uint64_t* mask_ji = mask_ij + kGradStrip;                              // rows J, columns I
-  const StripRows<A> own(smem + plan.g_rows_j);
-  const StripRows<A> other(smem + plan.g_rows_i);
+  using Plan = BackwardPlan<T>;
+  unsigned char* base;
+  // [j][i]: dR(i, j) in pass A, then dR(j, i) in pass B.
+  __device__ A* dr() const { return reinterpret_cast<A*>(base + Plan::g_dr); }
+  // Step 4's operand slices (pitch ds_pitch), over dr (dead by then).
+  __device__ S* transposed() const { return reinterpret_cast<S*>(base + Plan::g_dr); }
+  __device__ S* ds() const { return reinterpret_cast<S*>(base + Plan::g_ds); }  // [j][i]: dS(j, i)
+  // [j][i]: the kept share of A(i, j); [j][k_I + i]: its fused share.
+  __device__ S* w() const { return reinterpret_cast<S*>(base + Plan::g_w); }
+  __device__ S* slice_a() const { return reinterpret_cast<S*>(base + Plan::g_slice_a); }
+  __device__ S* slice_b() const { return reinterpret_cast<S*>(base + Plan::g_slice_b); }
+  __device__ uint64_t* mask_ij() const { return reinterpret_cast<uint64_t*>(base + Plan::g_masks); }  // rows I, columns J
+  __device__ uint64_t* mask_ji() const { return mask_ij() + kGradStrip; }  // rows J, columns I
+  __device__ StripRows<A> own() const { return {base + Plan::g_rows_j}; }    // J
+  __device__ StripRows<A> other() const { return {base + Plan::g_rows_i}; }  // I
+};
 
+// Pass A, entry (i, j) of every (j, i) this thread holds: dL(i, j) into dS (scaled), and
+// the shares of A(i, j) that reach V_J into W. Reads dR(i, ·) from t.dr().
+template <typename T>
+__device__ void row_side(StripAcc<acc_t<T>>& logits, const GradTile<T>& t,
+                         const GradStrip& J, const GradStrip& I, int32_t depth_i, const Chunks& ch, acc_t<T> scale,
+                         bool fuse) {
+  using A = acc_t<T>;
+  using S = staged_t<T>;
+  using Plan = BackwardPlan<T>;
+  const int32_t tp = Plan::tile_pitch;
+  for_each_entry(logits, [&](int j, int i, int, A& logit) {
+    if (i >= depth_i) return;  // W's second half starts at k_I
+    A grad_score = A(0), kept_share = A(0), fused_share = A(0);
+    if (j < J.rows && i < I.rows) {
+      const A prob = exp_acc(scale * logit - t.other().lse(i));
+      const uint64_t wi = t.mask_ij()[i];
+      A grad_prob = A(0);
+      if (bit_of(wi, j)) {
+        grad_prob = t.dr()[j * tp + i];
+        kept_share = prob / t.other().z(i);
+      } else if (t.other().fuses(i, fuse)) {
+        const int b = t.other().match(i);
+        const uint64_t wb = t.mask_ij()[b];
+        if (bit_of(wb, j)) {
+          const A alpha = t.other().rho(i) * pattern_similarity<A>(wi, wb, j, ch.omega, J.rows);
+          grad_prob = alpha * t.dr()[j * tp + b];
+          fused_share = alpha * prob / t.other().z(b);
+        }
+      }
+      grad_score = scale * prob * (grad_prob - t.other().dot_p(i));
+    }
+    t.ds()[j * Plan::ds_pitch + i] = from_acc<S>(grad_score);
+    t.w()[j * Plan::w_pitch + i] = from_acc<S>(kept_share);
+    t.w()[j * Plan::w_pitch + depth_i + i] = from_acc<S>(fused_share);
+  });
+}
+
+// Pass B, entry (j, i): dS(j, i) += scale·dL(j, i). Reads dR(j, ·) from t.dr().
+template <typename T>
+__device__ void column_side(StripAcc<acc_t<T>>& logits, const GradTile<T>& t,
+                            const GradStrip& J, const GradStrip& I, const Chunks& ch, acc_t<T> scale, bool fuse) {
+  using A = acc_t<T>;
+  using S = staged_t<T>;
+  using Plan = BackwardPlan<T>;
+  const int32_t tp = Plan::tile_pitch;
+  for_each_entry(logits, [&](int j, int i, int, A& logit) {
+    if (j >= J.rows || i >= I.rows) return;
+    const A prob = exp_acc(scale * logit - t.own().lse(j));
+    const uint64_t wj = t.mask_ji()[j];
+    A grad_prob = A(0);
+    if (bit_of(wj, i)) {
+      grad_prob = t.dr()[j * tp + i];
+    } else if (t.own().fuses(j, fuse)) {
+      const int b = t.own().match(j);
+      const uint64_t wb = t.mask_ji()[b];
+      if (bit_of(wb, i))
+        grad_prob = t.own().rho(j) * pattern_similarity<A>(wj, wb, i, ch.omega, I.rows) * t.dr()[b * tp + i];
+    }
+    S& ds = t.ds()[j * Plan::ds_pitch + i];
+    ds = from_acc<S>(to_acc(ds) + scale * prob * (grad_prob - t.own().dot_p(j)));
+  });
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
+    gradients_kernel(BackwardParams bp, const void* row_stats, void* grad_qk_acc,
+                     void* grad_v_acc) {
+  using A = acc_t<T>;
+  using Plan = BackwardPlan<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const GradTile<T> t{smem};
   const Chunks ch(bp.p.seqlen, bp.p.block_size);
   const GradStrips strips(ch);
   const GradStrip J = strips.at(ch, static_cast<int32_t>(blockIdx.x));
   const int64_t n = ch.n, D = bp.p.head_dim, Dv = bp.p.value_dim;
   const A scale = static_cast<A>(bp.p.scale);
   const bool fuse = bp.p.fuse;
-  const int32_t tp = plan.tile_pitch;
+  const int32_t tp = Plan::tile_pitch;
   const int64_t stat_stride = pair_count(bp.p) * n;
 
   for (int64_t pair = blockIdx.y; pair < pair_count(bp.p); pair += gridDim.y) {
@@ -120,98 +194,66 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
     A* grad_v = Dv > 0 ? static_cast<A*>(grad_v_acc) + row0 * Dv : nullptr;
 
     __syncthreads();  // the previous pair is done with shared memory
-    load_strip_rows<A>(own, bp, row0, J, stats, stat_stride);
+    load_strip_rows<A>(t.own(), bp, row0, J, stats, stat_stride);
 
-    for (int32_t t = 0; t < strips.count; ++t) {
-      const GradStrip I = strips.at(ch, t);
+    for (int32_t s = 0; s < strips.count; ++s) {
+      const GradStrip I = strips.at(ch, s);
       const int32_t depth_i = static_cast<int32_t>(padded_depth<T>(I.rows));  // k_I
       __syncthreads();  // the previous tile is done with the rows, masks and tiles
-      load_strip_rows<A>(other, bp, row0, I, stats, stat_stride);
-      load_tile_mask(mask_ij, words, ch, I, J);
-      load_tile_mask(mask_ji, words, ch, J, I);
+      load_strip_rows<A>(t.other(), bp, row0, I, stats, stat_stride);
+      load_tile_mask(t.mask_ij(), words, ch, I, J);
+      load_tile_mask(t.mask_ji(), words, ch, J, I);
       __syncthreads();  // rows and masks are loaded (the products below may run no slice: Dv = 0)
       StripAcc<A> acc;
 
-      // Steps 1 and 2.
-      strip_product<T>(acc, {v, J.r0, J.rows}, {g, I.r0, I.rows}, Dv, slice_a, slice_b, plan);
+      // Step 1, then pass A of step 3 (the logits' product ends with barriers: D ≥ 1).
+      strip_product<T>(acc, {v, J.r0, J.rows}, {g, I.r0, I.rows}, Dv, t.slice_a(), t.slice_b());
       for_each_entry(acc, [&](int j, int i, int, A& value) {
-        const bool kept = j < J.rows && i < I.rows && bit_of(mask_ij[i], j);
-        dr1[j * tp + i] = kept ? (value - other.delta[i]) / other.z[i] : A(0);
+        const bool kept = j < J.rows && i < I.rows && bit_of(t.mask_ij()[i], j);
+        t.dr()[j * tp + i] = kept ? (value - t.other().delta(i)) / t.other().z(i) : A(0);
       });
-      strip_product<T>(acc, {g, J.r0, J.rows}, {v, I.r0, I.rows}, Dv, slice_a, slice_b, plan);
+      strip_product<T>(acc, {x, J.r0, J.rows}, {x, I.r0, I.rows}, D, t.slice_a(), t.slice_b());
+      row_side<T>(acc, t, J, I, depth_i, ch, scale, fuse);
+
+      // Step 2 over step 1's tile, then pass B with the logits recomputed (identical).
+      __syncthreads();  // pass A is done with dR(i, j)
+      strip_product<T>(acc, {g, J.r0, J.rows}, {v, I.r0, I.rows}, Dv, t.slice_a(), t.slice_b());
       for_each_entry(acc, [&](int j, int i, int, A& value) {
-        const bool kept = j < J.rows && i < I.rows && bit_of(mask_ji[j], i);
-        dr2[j * tp + i] = kept ? (value - own.delta[j]) / own.z[j] : A(0);
+        const bool kept = j < J.rows && i < I.rows && bit_of(t.mask_ji()[j], i);
+        t.dr()[j * tp + i] = kept ? (value - t.own().delta(j)) / t.own().z(j) : A(0);
       });
+      strip_product<T>(acc, {x, J.r0, J.rows}, {x, I.r0, I.rows}, D, t.slice_a(), t.slice_b());
+      column_side<T>(acc, t, J, I, ch, scale, fuse);
 
-      // Step 3 (the product's barriers complete DR1 and DR2: D ≥ 1).
-      strip_product<T>(acc, {x, J.r0, J.rows}, {x, I.r0, I.rows}, D, slice_a, slice_b, plan);
-      for_each_entry(acc, [&](int j, int i, int, A& logit_acc) {
-        if (i >= depth_i) return;  // W's second half starts at k_I
-        A grad_score = A(0), kept_share = A(0), fused_share = A(0);
-        if (j < J.rows && i < I.rows) {
-          const A logit = scale * logit_acc;
-          // Entry (i, j): row i of I, column j of J.
-          const A p_ij = exp_acc(logit - other.lse[i]);
-          const uint64_t wi = mask_ij[i];
-          A dp_ij = A(0);
-          if (bit_of(wi, j)) {
-            dp_ij = dr1[j * tp + i];
-            kept_share = p_ij / other.z[i];
-          } else if (other.fuses(i, fuse)) {
-            const int b = other.match[i];
-            if (bit_of(mask_ij[b], j)) {
-              const A alpha = other.rho[i] * pattern_similarity<A>(wi, mask_ij[b], j, ch.omega, J.rows);
-              dp_ij = alpha * dr1[j * tp + b];
-              fused_share = alpha * p_ij / other.z[b];
-            }
-          }
-          // Entry (j, i): row j of J, column i of I.
-          const A p_ji = exp_acc(logit - own.lse[j]);
-          const uint64_t wj = mask_ji[j];
-          A dp_ji = A(0);
-          if (bit_of(wj, i)) {
-            dp_ji = dr2[j * tp + i];
-          } else if (own.fuses(j, fuse)) {
-            const int b = own.match[j];
-            if (bit_of(mask_ji[b], i))
-              dp_ji = own.rho[j] * pattern_similarity<A>(wj, mask_ji[b], i, ch.omega, I.rows) * dr2[b * tp + i];
-          }
-          grad_score = scale * (p_ij * (dp_ij - other.dot_p[i]) + p_ji * (dp_ji - own.dot_p[j]));
-        }
-        ds[j * plan.ds_pitch + i] = from_acc<S>(grad_score);
-        w[j * plan.w_pitch + i] = from_acc<S>(kept_share);
-        w[j * plan.w_pitch + depth_i + i] = from_acc<S>(fused_share);
-      });
-
-      // Step 4: dX_J += dS·X_I, then dV_J += W·[G_I; G_b(I)], 64 features at a time.
+      // Step 4: dX_J += dS·X_I, then dV_J += W·[G_I; G_b(I)], 64 features at a time, the
+      // operand rows staged transposed over the dead dR tile.
+      const auto strip_row = [&](int k) { return k < I.rows ? I.r0 + k : int64_t{-1}; };
+      const auto match_row = [&](int k) { return k < I.rows ? I.r0 + t.other().match(k) : int64_t{-1}; };
       for (int64_t f0 = 0; f0 < D; f0 += kGradStrip) {
-        __syncthreads();  // dS complete; DR1/DR2 (or the previous slice) no longer read
-        stage_transposed<T>(transposed, plan.w_pitch, x,
-                            [&](int k) { return k < I.rows ? I.r0 + k : int64_t{-1}; }, f0, depth_i, D);
+        const int32_t width = static_cast<int32_t>(lesser<int64_t>(kGradStrip, D - f0));
+        __syncthreads();  // dS complete; dR (or the previous slice) no longer read
+        stage_transposed<T>(t.transposed(), Plan::ds_pitch, x, strip_row, f0, depth_i, D);
         __syncthreads();
-        staged_product<T>(acc, ds, plan.ds_pitch, J.rows, transposed, plan.w_pitch,
-                          static_cast<int32_t>(lesser<int64_t>(kGradStrip, D - f0)), depth_i);
-        add_to_rows(acc, grad_x + J.r0 * D + f0, D, J.rows, static_cast<int32_t>(lesser<int64_t>(kGradStrip, D - f0)));
+        staged_product<T>(acc, false, t.ds(), Plan::ds_pitch, J.rows, t.transposed(), Plan::ds_pitch, width, depth_i);
+        add_to_rows(acc, grad_x + J.r0 * D + f0, D, J.rows, width);
       }
-      const int32_t depth_v = fuse ? 2 * depth_i : depth_i;
       for (int64_t f0 = 0; f0 < Dv; f0 += kGradStrip) {
+        const int32_t width = static_cast<int32_t>(lesser<int64_t>(kGradStrip, Dv - f0));
         __syncthreads();
-        stage_transposed<T>(transposed, plan.w_pitch, g,
-                            [&](int k) {
-                              if (k < depth_i) return k < I.rows ? I.r0 + k : int64_t{-1};
-                              const int i = k - depth_i;
-                              return i < I.rows ? I.r0 + other.match[i] : int64_t{-1};
-                            },
-                            f0, depth_v, Dv);
+        stage_transposed<T>(t.transposed(), Plan::ds_pitch, g, strip_row, f0, depth_i, Dv);
         __syncthreads();
-        staged_product<T>(acc, w, plan.w_pitch, J.rows, transposed, plan.w_pitch,
-                          static_cast<int32_t>(lesser<int64_t>(kGradStrip, Dv - f0)), depth_v);
-        add_to_rows(acc, grad_v + J.r0 * Dv + f0, Dv, J.rows,
-                    static_cast<int32_t>(lesser<int64_t>(kGradStrip, Dv - f0)));
+        staged_product<T>(acc, false, t.w(), Plan::w_pitch, J.rows, t.transposed(), Plan::ds_pitch, width, depth_i);
+        if (fuse) {
+          __syncthreads();
+          stage_transposed<T>(t.transposed(), Plan::ds_pitch, g, match_row, f0, depth_i, Dv);
+          __syncthreads();
+          staged_product<T>(acc, true, t.w() + depth_i, Plan::w_pitch, J.rows, t.transposed(), Plan::ds_pitch, width,
+                            depth_i);
+        }
+        add_to_rows(acc, grad_v + J.r0 * Dv + f0, Dv, J.rows, width);
       }
     }
-    if (fuse) add_cosine_terms<T>(own, x, J, ch, D, grad_x);
+    if (fuse) add_cosine_terms<T>(t.own(), x, J, ch, D, grad_x);
   }
 }
 

@@ -14,7 +14,7 @@ namespace bspf::cuda {
 
 constexpr int32_t kGradStrip = 64;  // tokens per strip at most; tiles are kGradStrip²
 // CTAs per SM the kernels are compiled for: 4 × 128 threads caps a thread at 128 registers.
-constexpr int kBackwardBlocksPerSm = 4;
+constexpr int kBackwardBlocksPerSm = 1;
 
 // Strips of whole chunks: strip s is chunks [s·per, (s+1)·per).
 struct GradStrip {
@@ -38,85 +38,73 @@ struct GradStrips {
   }
 };
 
+// The layout depends on the dtype only, so every buffer is the shared base plus a
+// compile-time offset: no pointers live in registers.
+template <typename T>
 struct BackwardPlan {
-  int32_t slice = 16;        // features staged at once for the row products
-  int32_t slice_pitch = 16;  // staged elements per row of a slice
-  int32_t tile_pitch = 64;   // accumulation-type elements per row of a 64×64 tile
-  int32_t ds_pitch = 64;     // staged elements per row of dS
-  int32_t w_pitch = 128;     // staged elements per row of W (kept shares, then fused shares) and of
-                             // the transposed operand slices of dX and dV
-  // Row statistics kernel (byte offsets).
-  size_t r_slice_a = 0, r_slice_b = 0, r_grads = 0, r_mask = 0, r_rows = 0, r_sums = 0, r_bytes = 0;
-  // Gradients kernel: dR tiles (aliased by the transposed slices of the last step), dS, W,
-  // the row slices, the two tile masks, the rows of both strips.
-  size_t g_dr = 0, g_ds = 0, g_w = 0, g_slice_a = 0, g_slice_b = 0, g_masks = 0, g_rows_j = 0, g_rows_i = 0,
-         g_bytes = 0;
+  using A = acc_t<T>;
+  using S = staged_t<T>;
+  static constexpr bool kHalf = IsHalf<T>::value;
+  // Half pitches stay even (4-byte operand pairs) and off a multiple of 32 words; float
+  // pitches are odd so that the eight rows an FMA tile reads hit eight banks.
+  static constexpr int32_t slice = kHalf ? 64 : (sizeof(A) == 4 ? 32 : 8);  // features staged at once
+  static constexpr int32_t slice_pitch = slice + (kHalf ? 8 : 1);  // per row of a staged slice
+  static constexpr int32_t tile_pitch = kGradStrip + (kHalf ? 4 : 1);  // per row of an A-typed 64×64 tile
+  static constexpr int32_t ds_pitch = kGradStrip + (kHalf ? 8 : 1);  // dS, and step 4's transposed slices
+  static constexpr int32_t w_pitch = 2 * kGradStrip + (kHalf ? 8 : 1);  // W: kept shares, then fused shares
 
-  // Per-row values kept in shared memory for one strip (kGradStrip each).
-  static constexpr int kRowValues = 9;  // lse, z, delta, dot_p, rho, grad_rho, norm2, cross, spare
+  // Per-row values kept for one strip, kGradStrip each (StripRows).
+  static constexpr int kRowValues = 8;  // lse, z, delta, dot_p, rho, grad_rho, norm2, cross
+  static constexpr size_t kSliceBytes = size_t{kGradStrip} * slice_pitch * sizeof(S);
+  static constexpr size_t kTileBytes = size_t{kGradStrip} * tile_pitch * sizeof(A);
+  static constexpr size_t kTransposedBytes = size_t{kGradStrip} * ds_pitch * sizeof(S);
+  static constexpr size_t kRowBytes = kRowValues * kGradStrip * sizeof(A) + kGradStrip * sizeof(int32_t);
+  static constexpr size_t after(size_t offset, size_t bytes) { return (offset + bytes + 15) / 16 * 16; }
+  static constexpr size_t larger(size_t a, size_t b) { return a > b ? a : b; }
 
-  template <typename T>
-  __host__ __device__ static BackwardPlan make() {
-    using A = acc_t<T>;
-    using S = staged_t<T>;
-    constexpr bool half = IsHalf<T>::value;
-    BackwardPlan b;
-    // Half pitches stay even (4-byte operand pairs) and off a multiple of 32 words; float
-    // pitches are odd so that the eight rows an FMA tile reads hit eight banks.
-    b.slice = half ? 64 : (sizeof(A) == 4 ? 32 : 8);
-    b.slice_pitch = b.slice + (half ? 8 : 1);
-    b.tile_pitch = kGradStrip + (half ? 4 : 1);
-    b.ds_pitch = kGradStrip + (half ? 8 : 1);
-    b.w_pitch = 2 * kGradStrip + (half ? 8 : 1);
-    const size_t slice_bytes = static_cast<size_t>(kGradStrip) * b.slice_pitch * sizeof(S);
-    const size_t tile_bytes = static_cast<size_t>(kGradStrip) * b.tile_pitch * sizeof(A);
-    const size_t row_bytes = kRowValues * kGradStrip * sizeof(A) + kGradStrip * sizeof(int32_t);
+  // Row statistics kernel (byte offsets): two slices, dA of the tile, the tile mask, the
+  // strip's rows, the four row sums.
+  static constexpr size_t r_slice_a = 0;
+  static constexpr size_t r_slice_b = after(r_slice_a, kSliceBytes);
+  static constexpr size_t r_grads = after(r_slice_b, kSliceBytes);
+  static constexpr size_t r_mask = after(r_grads, kTileBytes);
+  static constexpr size_t r_rows = after(r_mask, kGradStrip * sizeof(uint64_t));
+  static constexpr size_t r_sums = after(r_rows, kRowBytes);
+  static constexpr size_t r_bytes = after(r_sums, 4 * kGradStrip * sizeof(A));
 
-    SmemPlan r;
-    b.r_slice_a = r.take(slice_bytes, 1);
-    b.r_slice_b = r.take(slice_bytes, 1);
-    b.r_grads = r.take(tile_bytes, 1);
-    b.r_mask = r.take(kGradStrip, sizeof(uint64_t));
-    b.r_rows = r.take(row_bytes, 1);
-    b.r_sums = r.take(4 * kGradStrip, sizeof(A));
-    b.r_bytes = r.bytes;
+  // Gradients kernel: the dR tile (aliased by step 4's transposed slices), dS, W, two
+  // slices, the two tile masks, the rows of both strips.
+  static constexpr size_t g_dr = 0;
+  static constexpr size_t g_ds = after(g_dr, larger(kTileBytes, kTransposedBytes));
+  static constexpr size_t g_w = after(g_ds, size_t{kGradStrip} * ds_pitch * sizeof(S));
+  static constexpr size_t g_slice_a = after(g_w, size_t{kGradStrip} * w_pitch * sizeof(S));
+  static constexpr size_t g_slice_b = after(g_slice_a, kSliceBytes);
+  static constexpr size_t g_masks = after(g_slice_b, kSliceBytes);
+  static constexpr size_t g_rows_j = after(g_masks, 2 * kGradStrip * sizeof(uint64_t));
+  static constexpr size_t g_rows_i = after(g_rows_j, kRowBytes);
+  static constexpr size_t g_bytes = after(g_rows_i, kRowBytes);
 
-    SmemPlan g;
-    const size_t transposed = static_cast<size_t>(kGradStrip) * b.w_pitch * sizeof(S);
-    b.g_dr = g.take(2 * tile_bytes > transposed ? 2 * tile_bytes : transposed, 1);
-    b.g_ds = g.take(static_cast<size_t>(kGradStrip) * b.ds_pitch, sizeof(S));
-    b.g_w = g.take(static_cast<size_t>(kGradStrip) * b.w_pitch, sizeof(S));
-    b.g_slice_a = g.take(slice_bytes, 1);
-    b.g_slice_b = g.take(slice_bytes, 1);
-    b.g_masks = g.take(2 * kGradStrip, sizeof(uint64_t));
-    b.g_rows_j = g.take(row_bytes, 1);
-    b.g_rows_i = g.take(row_bytes, 1);
-    b.g_bytes = g.bytes;
-    return b;
-  }
-
-  __host__ __device__ size_t bytes() const { return r_bytes > g_bytes ? r_bytes : g_bytes; }
+  static constexpr size_t bytes = larger(r_bytes, g_bytes);
 };
 
-// The per-row values of one strip in shared memory (see kRowValues), strip-local indices.
+// The per-row values of one strip in shared memory (BackwardPlan::kRowValues of them, then
+// the matches), strip-local indices.
 template <typename A>
 struct StripRows {
-  A *lse, *z, *delta, *dot_p, *rho, *grad_rho, *norm2, *cross;
-  int32_t* match;  // strip-local b(i); i itself when i fuses nothing
-  __device__ explicit StripRows(unsigned char* base) {
-    A* a = reinterpret_cast<A*>(base);
-    lse = a;
-    z = a + kGradStrip;
-    delta = a + 2 * kGradStrip;
-    dot_p = a + 3 * kGradStrip;
-    rho = a + 4 * kGradStrip;
-    grad_rho = a + 5 * kGradStrip;
-    norm2 = a + 6 * kGradStrip;
-    cross = a + 7 * kGradStrip;
-    match = reinterpret_cast<int32_t*>(a + BackwardPlan::kRowValues * kGradStrip);
-  }
+  unsigned char* base;
+  __device__ A& value(int which, int i) const { return reinterpret_cast<A*>(base)[which * kGradStrip + i]; }
+  __device__ A& lse(int i) const { return value(0, i); }
+  __device__ A& z(int i) const { return value(1, i); }
+  __device__ A& delta(int i) const { return value(2, i); }
+  __device__ A& dot_p(int i) const { return value(3, i); }
+  __device__ A& rho(int i) const { return value(4, i); }
+  __device__ A& grad_rho(int i) const { return value(5, i); }
+  __device__ A& norm2(int i) const { return value(6, i); }
+  __device__ A& cross(int i) const { return value(7, i); }
+  // b(i), strip-local; i itself when i has no match.
+  __device__ int32_t& match(int i) const { return reinterpret_cast<int32_t*>(base + 8 * kGradStrip * sizeof(A))[i]; }
   // Whether row i moves pruned probability to its match (SPEC §3.7): it has one and ρ_i > 0.
-  __device__ bool fuses(int i, bool fuse) const { return fuse && match[i] != i && rho[i] > A(0); }
+  __device__ bool fuses(int i, bool fuse) const { return fuse && match(i) != i && rho(i) > A(0); }
 };
 
 }  // namespace bspf::cuda

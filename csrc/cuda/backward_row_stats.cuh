@@ -23,16 +23,17 @@ namespace bspf::cuda {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
-    row_stats_kernel(BackwardParams bp, BackwardPlan plan, void* row_stats) {
+    row_stats_kernel(BackwardParams bp, void* row_stats) {
+  using Plan = BackwardPlan<T>;
   using A = acc_t<T>;
   using S = staged_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
-  S* slice_a = reinterpret_cast<S*>(smem + plan.r_slice_a);
-  S* slice_b = reinterpret_cast<S*>(smem + plan.r_slice_b);
-  A* grads = reinterpret_cast<A*>(smem + plan.r_grads);  // dA(i, j) of the tile, pitch tile_pitch
-  uint64_t* mask = reinterpret_cast<uint64_t*>(smem + plan.r_mask);
-  const StripRows<A> rows(smem + plan.r_rows);
-  A* sums = reinterpret_cast<A*>(smem + plan.r_sums);  // u0 … u3, kGradStrip each
+  S* slice_a = reinterpret_cast<S*>(smem + Plan::r_slice_a);
+  S* slice_b = reinterpret_cast<S*>(smem + Plan::r_slice_b);
+  A* grads = reinterpret_cast<A*>(smem + Plan::r_grads);  // dA(i, j) of the tile, pitch tile_pitch
+  uint64_t* mask = reinterpret_cast<uint64_t*>(smem + Plan::r_mask);
+  const StripRows<A> rows{smem + Plan::r_rows};
+  A* sums = reinterpret_cast<A*>(smem + Plan::r_sums);  // u0 … u3, kGradStrip each
 
   const Chunks ch(bp.p.seqlen, bp.p.block_size);
   const GradStrips strips(ch);
@@ -41,7 +42,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
   const A scale = static_cast<A>(bp.p.scale);
   const bool fuse = bp.p.fuse;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int32_t tp = plan.tile_pitch;
+  const int32_t tp = Plan::tile_pitch;
   const int64_t stat_stride = pair_count(bp.p) * n;
 
   for (int64_t pair = blockIdx.y; pair < pair_count(bp.p); pair += gridDim.y) {
@@ -60,22 +61,22 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
       __syncthreads();  // the previous tile's readers of mask and grads are done
       load_tile_mask(mask, words, ch, s, J);
       StripAcc<A> acc;
-      strip_product<T>(acc, {g, s.r0, s.rows}, {v, J.r0, J.rows}, Dv, slice_a, slice_b, plan);
+      strip_product<T>(acc, {g, s.r0, s.rows}, {v, J.r0, J.rows}, Dv, slice_a, slice_b);
       for_each_entry(acc, [&](int r, int q, int, A& value) { grads[r * tp + q] = value; });
       // The logits' product ends with barriers after the stores above (D ≥ 1): dA and the
       // mask are complete when the entries are read.
-      strip_product<T>(acc, {x, s.r0, s.rows}, {x, J.r0, J.rows}, D, slice_a, slice_b, plan);
+      strip_product<T>(acc, {x, s.r0, s.rows}, {x, J.r0, J.rows}, D, slice_a, slice_b);
       if (warp * 16 >= s.rows) continue;  // warp-uniform
       A part[2][4] = {{A(0), A(0), A(0), A(0)}, {A(0), A(0), A(0), A(0)}};
       for_each_entry(acc, [&](int r, int q, int half, A& logit) {
         if (r >= s.rows || q >= J.rows) return;
-        const A prob = exp_acc(scale * logit - rows.lse[r]);
+        const A prob = exp_acc(scale * logit - rows.lse(r));
         const uint64_t wi = mask[r];
         if (bit_of(wi, q)) {
           part[half][0] += prob * grads[r * tp + q];
           part[half][1] += prob;
         } else if (rows.fuses(r, fuse)) {
-          const int b = rows.match[r];
+          const int b = rows.match(r);
           const uint64_t wb = mask[b];
           if (bit_of(wb, q)) {
             const A weighted = pattern_similarity<A>(wi, wb, q, ch.omega, J.rows) * prob;
@@ -107,19 +108,19 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
       const int lo = static_cast<int>(ch.begin(c) - s.r0), hi = lo + ch.size(c);
       A fused_in = A(0);  // sources in increasing order
       for (int k = lo; k < hi; ++k)
-        if (k != i && rows.match[k] == i && rows.fuses(k, fuse)) fused_in += rows.rho[k] * u2[k];
-      rows.delta[i] = (u0[i] + fused_in) / rows.z[i];
+        if (k != i && rows.match(k) == i && rows.fuses(k, fuse)) fused_in += rows.rho(k) * u2[k];
+      rows.delta(i) = (u0[i] + fused_in) / rows.z(i);
     }
     __syncthreads();
     A* stats = static_cast<A*>(row_stats) + row0 + s.r0;
     for (int i = tid; i < s.rows; i += kThreads) {
       A grad_rho = A(0);
       if (rows.fuses(i, fuse)) {
-        const int b = rows.match[i];
-        grad_rho = (u2[i] - rows.delta[b] * u3[i]) / rows.z[b];
+        const int b = rows.match(i);
+        grad_rho = (u2[i] - rows.delta(b) * u3[i]) / rows.z(b);
       }
-      stats[kDelta * stat_stride + i] = rows.delta[i];
-      stats[kDotP * stat_stride + i] = (u0[i] - rows.delta[i] * u1[i]) / rows.z[i] + rows.rho[i] * grad_rho;
+      stats[kDelta * stat_stride + i] = rows.delta(i);
+      stats[kDotP * stat_stride + i] = (u0[i] - rows.delta(i) * u1[i]) / rows.z(i) + rows.rho(i) * grad_rho;
       stats[kGradRho * stat_stride + i] = grad_rho;
     }
   }

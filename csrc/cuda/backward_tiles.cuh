@@ -67,7 +67,8 @@ __device__ void stage_transposed(staged_t<T>* dst, int32_t pitch, const Rows<T>&
 // without one after the last slice (dim ≥ 1) or at once (dim = 0, acc zero).
 template <typename T>
 __device__ void strip_product(StripAcc<acc_t<T>>& acc, const StripOperand<T>& a, const StripOperand<T>& b,
-                              int64_t dim, staged_t<T>* sa, staged_t<T>* sb, const BackwardPlan& plan) {
+                              int64_t dim, staged_t<T>* sa, staged_t<T>* sb) {
+  using Plan = BackwardPlan<T>;
   using A = acc_t<T>;
   using S = staged_t<T>;
   const int warp = threadIdx.x >> 5;
@@ -75,31 +76,32 @@ __device__ void strip_product(StripAcc<acc_t<T>>& acc, const StripOperand<T>& a,
   for (int ct = 0; ct < kColTiles; ++ct)
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[ct][r] = A(0);
-  for (int64_t k0 = 0; k0 < dim; k0 += plan.slice) {
-    const int32_t depth = static_cast<int32_t>(padded_depth<T>(lesser<int64_t>(plan.slice, dim - k0)));
+  for (int64_t k0 = 0; k0 < dim; k0 += Plan::slice) {
+    const int32_t depth = static_cast<int32_t>(padded_depth<T>(lesser<int64_t>(Plan::slice, dim - k0)));
     __syncthreads();
-    stage_slice<T>(sa, plan.slice_pitch, a, k0, depth, dim);
-    stage_slice<T>(sb, plan.slice_pitch, b, k0, depth, dim);
+    stage_slice<T>(sa, Plan::slice_pitch, a, k0, depth, dim);
+    stage_slice<T>(sb, Plan::slice_pitch, b, k0, depth, dim);
     __syncthreads();
     if (warp * 16 >= a.count) continue;  // warp-uniform: no rows of this warp
-    const SmemRows<S> rows{sa + warp * 16 * plan.slice_pitch, plan.slice_pitch};
+    const SmemRows<S> rows{sa + warp * 16 * Plan::slice_pitch, Plan::slice_pitch};
 #pragma unroll
     for (int ct = 0; ct < kColTiles; ++ct)
-      if (ct * 8 < b.count) warp_tile_16x8<T>(acc[ct], rows, SmemRows<S>{sb + ct * 8 * plan.slice_pitch, plan.slice_pitch}, depth);
+      if (ct * 8 < b.count) warp_tile_16x8<T>(acc[ct], rows, SmemRows<S>{sb + ct * 8 * Plan::slice_pitch, Plan::slice_pitch}, depth);
   }
 }
 
-// acc(r, c) = Σ_k a[r][k] · b[c][k], k < depth, both already staged (no barrier).
+// acc(r, c) (+)= Σ_k a[r][k] · b[c][k], k < depth, both already staged (no barrier).
 template <typename T>
-__device__ void staged_product(StripAcc<acc_t<T>>& acc, const staged_t<T>* a, int32_t a_pitch, int32_t rows,
-                               const staged_t<T>* b, int32_t b_pitch, int32_t cols, int32_t depth) {
+__device__ void staged_product(StripAcc<acc_t<T>>& acc, bool accumulate, const staged_t<T>* a, int32_t a_pitch,
+                               int32_t rows, const staged_t<T>* b, int32_t b_pitch, int32_t cols, int32_t depth) {
   using A = acc_t<T>;
   using S = staged_t<T>;
   const int warp = threadIdx.x >> 5;
+  if (!accumulate)
 #pragma unroll
-  for (int ct = 0; ct < kColTiles; ++ct)
+    for (int ct = 0; ct < kColTiles; ++ct)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) acc[ct][r] = A(0);
+      for (int r = 0; r < 4; ++r) acc[ct][r] = A(0);
   if (warp * 16 >= rows) return;
   const SmemRows<S> left{a + warp * 16 * a_pitch, a_pitch};
 #pragma unroll
@@ -165,13 +167,13 @@ __device__ void load_strip_rows(const StripRows<A>& dst, const BackwardParams& b
   for (int r = threadIdx.x; r < kGradStrip; r += kThreads) {
     const bool in = r < s.rows;
     const int64_t i = s.r0 + r;
-    dst.lse[r] = in ? lse[i] : A(0);
-    dst.z[r] = in ? z[i] : A(1);
-    dst.rho[r] = in ? rho[i] : A(0);
-    dst.match[r] = in ? static_cast<int32_t>(match[i] - s.r0) : r;
-    dst.delta[r] = in && stats ? stats[kDelta * stat_stride + i] : A(0);
-    dst.dot_p[r] = in && stats ? stats[kDotP * stat_stride + i] : A(0);
-    dst.grad_rho[r] = in && stats ? stats[kGradRho * stat_stride + i] : A(0);
+    dst.lse(r) = in ? lse[i] : A(0);
+    dst.z(r) = in ? z[i] : A(1);
+    dst.rho(r) = in ? rho[i] : A(0);
+    dst.match(r) = in ? static_cast<int32_t>(match[i] - s.r0) : r;
+    dst.delta(r) = in && stats ? stats[kDelta * stat_stride + i] : A(0);
+    dst.dot_p(r) = in && stats ? stats[kDotP * stat_stride + i] : A(0);
+    dst.grad_rho(r) = in && stats ? stats[kGradRho * stat_stride + i] : A(0);
   }
 }
 
