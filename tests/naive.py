@@ -8,8 +8,20 @@ import math
 import torch
 
 
-def naive_bspf(x, v, w, block_size, keep_ratio, fuse=True, scale=None):
-    """x (N, D), v (N, Dv), w (3, 3), all float64. Returns (out, mask, match)."""
+def naive_bspf(x, v, w, block_size, keep_ratio, fuse=True, scale=None, exact=False):
+    """x (N, D), v (N, Dv), w (3, 3), all float64. Returns (out, mask, match).
+
+    exact: P, R and A in 50-digit arithmetic (mpmath), where no probability underflows:
+    SPEC §3 at extreme logits, for SPEC §6's "evaluated in log space"."""
+    if exact:
+        import mpmath
+
+        with mpmath.workdps(50):
+            return _naive(x, v, w, block_size, keep_ratio, fuse, scale, lambda t: mpmath.exp(mpmath.mpf(t)))
+    return _naive(x, v, w, block_size, keep_ratio, fuse, scale, math.exp)
+
+
+def _naive(x, v, w, block_size, keep_ratio, fuse, scale, exp):
     n, d = x.shape
     scale = d**-0.5 if scale is None else scale
     L = [[scale * float(x[i] @ x[j]) for j in range(n)] for i in range(n)]
@@ -39,7 +51,7 @@ def naive_bspf(x, v, w, block_size, keep_ratio, fuse=True, scale=None):
     P = []
     for i in range(n):
         mx = max(L[i])
-        e = [math.exp(l - mx) for l in L[i]]
+        e = [exp(l - mx) for l in L[i]]
         P.append([t / sum(e) for t in e])
 
     match, rho = list(range(n)), [0.0] * n
@@ -65,6 +77,6 @@ def naive_bspf(x, v, w, block_size, keep_ratio, fuse=True, scale=None):
                 cols = chunks[chunk_of[j]]
                 hamming = sum(M[i][t] != M[p][t] for t in cols)
                 R[p][j] += rho[i] * (1 - hamming / len(cols)) * P[i][j]
-    A = [[r / sum(row) for r in row] for row in R]
+    A = [[float(r / sum(row)) for r in row] for row in R]
     out = torch.tensor(A, dtype=torch.float64) @ v
     return out, torch.tensor(M), torch.tensor(match)

@@ -51,7 +51,7 @@ def test_kernels_run_on_their_own_threads_without_torch():
         "p = C.Problem(); p.dtype = C.DType.float64; p.batch, p.heads, p.seqlen, p.head_dim = qk.shape\n"
         "p.value_dim = v.shape[-1]; p.block_size = 8; p.scale = d ** -0.5; p.fuse = True\n"
         "s = C.Saved(); s.mask_words = words.ctypes.data; s.match = match.ctypes.data\n"
-        "s.rho, s.lse, s.row_sum = (t.ctypes.data for t in stats)\n"
+        "s.rho, s.lse, s.log_row_sum = (t.ctypes.data for t in stats)\n"
         "f = C.ForwardParams(); f.p = p; f.keep_ratio = 0.5; f.saved = s; f.num_threads = 2\n"
         "f.qk, f.qk_stride = qk.ctypes.data, [x // 8 for x in qk.strides]\n"
         "f.v, f.v_stride = v.ctypes.data, [x // 8 for x in v.strides]\n"

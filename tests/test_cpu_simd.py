@@ -56,11 +56,11 @@ def _forward(qk, v, *, block_size, keep_ratio, fuse=True, scale=None, kernel=Non
     """The op's outputs: (out, mask (B,H,N,N) bool, match int64, saved buffers)."""
     scale = qk.shape[-1] ** -0.5 if scale is None else scale
     kernel = reference.box_kernel(qk.dtype) if kernel is None else kernel
-    out, words, match, rho, lse, row_sum = torch.ops.bspf_ext.forward(
+    out, words, match, rho, lse, log_row_sum = torch.ops.bspf_ext.forward(
         qk, v, kernel, block_size, keep_ratio, fuse, scale
     )
     mask = unpack_mask_words(words, qk.shape[-2], block_size)
-    return out, mask, match.long(), (words, match, rho, lse, row_sum)
+    return out, mask, match.long(), (words, match, rho, lse, log_row_sum)
 
 
 def _reference_with(qk, v, mask, match, *, block_size, keep_ratio, fuse=True, scale=None, kernel=None):

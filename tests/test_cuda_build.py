@@ -62,7 +62,7 @@ def test_launch_without_a_gpu_raises_runtime_error():
     # Placeholder addresses: the call must stop at the device check, before any access.
     params.qk = params.v = params.score_kernel = params.out = 256
     saved = _cuda.Saved()
-    saved.mask_words = saved.match = saved.rho = saved.lse = saved.row_sum = 256
+    saved.mask_words = saved.match = saved.rho = saved.lse = saved.log_row_sum = 256
     params.saved = saved
     with pytest.raises(RuntimeError, match="CUDA"):
         _cuda.forward(params, 0, 0)

@@ -847,10 +847,14 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
 
 // exp(row − shift) in place, 0 in the padding: a row of P from its saved lse (the
 // backward), or a forward row with its own maximum (row_shifted_exps).
+//
+// log P <= 0, but at logits of 1e8 float32's rounding of L and lse can put L above lse
+// by tens: the exponent is capped at 0 (a NaN stays NaN: min_ps returns its second
+// operand when either is NaN).
 void probs_row(const Geometry& g, float* row, float lse) {
-  const __m256 vlse = _mm256_set1_ps(lse);
+  const __m256 vlse = _mm256_set1_ps(lse), zero = _mm256_setzero_ps();
   for (int64_t j = 0; j < g.ld; j += kLanes) {
-    __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), vlse));
+    __m256 p = exp256(_mm256_min_ps(zero, _mm256_sub_ps(_mm256_loadu_ps(row + j), vlse)));
     if (j + kLanes > g.n) p = _mm256_and_ps(p, lane_mask(g.n - j));
     _mm256_storeu_ps(row + j, p);
   }
@@ -1007,18 +1011,30 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint6
 // weighs less than e^-35 of the row, far below float32's resolution of the sum.
 constexpr float kSmallestSum = 4.24835426e-18f;  // e^-40
 
+// A row of the forward is trusted when what float32 may have lost of it is below this
+// fraction of its sum (2^-24, float32's unit roundoff).
+constexpr float kResolution = 5.96046448e-8f;
+
+// The backward forms A = R / Z and dR = (…) / Z from P = exp(L − lse) in linear space: exact
+// enough while Z_i >= e^-41 (what underflows of P then weighs under 1e-20 of Z_i, and 1 / Z_i
+// is far from overflow). A pair with a smaller Z_i goes to the portable path.
+constexpr float kSmallestLogRowSum = -41.0f;
+
 // The forward's rows of chunk m, in place in E (see shifted_exps). With P_i = E_i / T_i and
 // T_i = Σ_j E_i(j), row i becomes R'_i = T_i · R_i on its kept entries: E_i plus the
 // fusion of SPEC §3.7 in the row's own units. Its pruned entries keep E_i (the fusion reads
 // them; A·V skips them). Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j). A row
 // whose T_i is too small or not finite is recomputed from X (rows, `scale`) with its own
-// maximum as the shift. Saves lse_i and Z_i. Scratch: `bitmaps` holds Ω · bitmap_words(g)
-// words (left holding the rows' masks).
-void chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scale, float shift, float* exps,
+// maximum as the shift. Saves lse_i and log Z_i. Scratch: `bitmaps` holds
+// Ω · bitmap_words(g) words (left holding the rows' masks).
+//
+// Returns false when some row cannot be trusted in float32 this way (see kResolution), and
+// the pair must go to the portable path, which works in log space.
+bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scale, float shift, float* exps,
                         const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
-                        float* lse, float* row_sum, float* alpha) {
+                        float* lse, float* log_row_sum, float* alpha) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
-  float total[64], kept[64];
+  float total[64], kept[64], lost[64];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
     uint64_t* bitmap = bitmaps + r * bw;
@@ -1041,6 +1057,7 @@ void chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scal
       row_shift = row_shifted_exps(g, x, scale, i, row);
     }
     lse[r] = row_shift + __builtin_logf(total[r]);
+    lost[r] = 1.0f;
   }
   if (fuse) {
     // In place: a row's fused-into entries are ones it keeps, its fused-out entries ones it prunes.
@@ -1050,12 +1067,21 @@ void chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scal
       const float share = rho[i] * (total[target_row] / total[r]);
       kept[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, share, exps + i * g.ld,
                                    exps + match[i] * g.ld);
+      lost[target_row] += share;
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    row_sum[r] = kept[r] / total[r];
+    // An entry of E below float32's smallest normal number is lost: at most N per row that
+    // adds into row r, each weighing under FLT_MIN · (1 for the row itself, share for a
+    // fused row) in row r's units. Once that can reach kResolution of the row's sum (all
+    // its kept entries far below its maximum: extreme logits), or the sum is not finite,
+    // this path is not exact enough.
+    if (!(kept[r] * kResolution >= lost[r] * static_cast<float>(g.n) * __FLT_MIN__) || !(kept[r] <= __FLT_MAX__))
+      return false;
+    log_row_sum[r] = __builtin_logf(kept[r]) - __builtin_logf(total[r]);
     alpha[r] = 1.0f / kept[r];
   }
+  return true;
 }
 
 // Zeroes the pruned entries of rows of chunk m of E (their masks in `bitmaps`).
@@ -1105,15 +1131,15 @@ bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Wo
   return true;
 }
 
-bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Workspace* workspace) {
+Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Workspace* workspace) {
   Workspace& ws = *workspace;
   const Geometry g(fp.p);
-  if (!reserve_forward(g, ws)) return false;
+  if (!reserve_forward(g, ws)) return Outcome::kNoMemory;
   uint64_t* words = fp.saved.mask_words + pair * g.n * g.chunks;
   int32_t* match = fp.saved.match + pair * g.n;
   float* rho = static_cast<float*>(fp.saved.rho) + pair * g.n;
   float* lse = static_cast<float*>(fp.saved.lse) + pair * g.n;
-  float* row_sum = static_cast<float*>(fp.saved.row_sum) + pair * g.n;
+  float* log_row_sum = static_cast<float*>(fp.saved.log_row_sum) + pair * g.n;
   float* out = static_cast<float*>(fp.out) + pair * g.n * g.dv;
 
   load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
@@ -1143,8 +1169,9 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
-    chunk_forward_rows(g, m, ws.x.data, static_cast<float>(fp.p.scale), shift, exps, words, match, rho, fp.p.fuse,
-                       ws.bitmap.data, lse + r0, row_sum + r0, alpha);
+    if (!chunk_forward_rows(g, m, ws.x.data, static_cast<float>(fp.p.scale), shift, exps, words, match, rho,
+                            fp.p.fuse, ws.bitmap.data, lse + r0, log_row_sum + r0, alpha))
+      return Outcome::kNeedsPortable;
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
     float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;
     const int64_t ldo = in_place ? g.dv : g.dvp;
@@ -1152,10 +1179,10 @@ bool forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair,
                 ws.lists.data, rows_out, ldo);
     if (!in_place) copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
   }
-  return true;
+  return Outcome::kDone;
 }
 
-bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace) {
+Outcome backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace) {
   Workspace& ws = *workspace;
   const Geometry g(bp.p);
   const int64_t N = g.n, ld = g.ld, C = g.chunks;
@@ -1163,12 +1190,14 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
       !ws.dx.reserve(ld * g.dp) || !ws.bitmap.reserve(ld * bitmap_words(g)) ||
       !ws.lists.reserve((ld / 2 + 1) * (ld + kLanes)) || !ws.dv.reserve(ld * g.dvp) || !ws.weights.reserve(g.square()) || !ws.grad.reserve(g.square()) ||
       !ws.work.reserve(g.square()) || !ws.column.reserve(ld))
-    return false;
+    return Outcome::kNoMemory;
   const uint64_t* words = bp.saved.mask_words + pair * N * C;
   const int32_t* match = bp.saved.match + pair * N;
   const float* rho = static_cast<const float*>(bp.saved.rho) + pair * N;
   const float* lse = static_cast<const float*>(bp.saved.lse) + pair * N;
-  const float* row_sum = static_cast<const float*>(bp.saved.row_sum) + pair * N;
+  const float* log_row_sum = static_cast<const float*>(bp.saved.log_row_sum) + pair * N;
+  for (int64_t i = 0; i < N; ++i)
+    if (!(log_row_sum[i] >= kSmallestLogRowSum)) return Outcome::kNeedsPortable;
   float* grad_qk = static_cast<float*>(bp.grad_qk) + pair * N * g.d;
   float* grad_v = static_cast<float*>(bp.grad_v) + pair * N * g.dv;
   const float scale = static_cast<float>(bp.p.scale);
@@ -1193,8 +1222,10 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
     chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, ws.bitmap.data, weights + g.begin(m) * ld,
                   recomputed_z);
   std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
+  float* inv_row_sum = ws.column.data;  // 1 / Z_i (the column is free until dρ below)
+  for (int64_t i = 0; i < N; ++i) inv_row_sum[i] = __builtin_expf(-log_row_sum[i]);
   for (int64_t i = 0; i < N; ++i) {
-    const __m256 inv = _mm256_set1_ps(1.0f / row_sum[i]);
+    const __m256 inv = _mm256_set1_ps(inv_row_sum[i]);
     float* a = weights + i * ld;
     for (int64_t j = 0; j < ld; j += kLanes) _mm256_storeu_ps(a + j, _mm256_mul_ps(inv, _mm256_loadu_ps(a + j)));
   }
@@ -1209,7 +1240,7 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
     __m256 s = _mm256_setzero_ps();
     for (int64_t j = 0; j < ld; j += kLanes)
       s = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(dr + j), s);
-    const __m256 a_dot_da = _mm256_set1_ps(hsum(s)), inv = _mm256_set1_ps(1.0f / row_sum[i]);
+    const __m256 a_dot_da = _mm256_set1_ps(hsum(s)), inv = _mm256_set1_ps(inv_row_sum[i]);
     uint64_t* bitmap = bitmaps + i * bitmap_words(g);  // kept for dV below
     row_bitmap(g, words + i * C, bitmap);
     for (int64_t j = 0; j < ld; j += kLanes) {
@@ -1292,7 +1323,7 @@ bool backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace)
     }
   }
   copy_rows(dx, g.dp, N, g.d, grad_qk, g.d);
-  return true;
+  return Outcome::kDone;
 }
 
 }  // namespace bspf::cpu::avx2

@@ -144,8 +144,11 @@ void forward(const ForwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (use_avx2(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
-    return run_pairs(params,
-                     [&](int64_t pair, avx2::Workspace* ws) { return avx2::forward_pair(params, keep, pair, ws); });
+    return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
+      const avx2::Outcome outcome = avx2::forward_pair(params, keep, pair, ws);
+      if (outcome == avx2::Outcome::kNeedsPortable) scalar::forward_one_pair(params, pair);
+      return outcome != avx2::Outcome::kNoMemory;
+    });
   }
 #else
   capability();
@@ -156,7 +159,11 @@ void forward(const ForwardParams& params) {
 void backward(const BackwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (use_avx2(params.p.dtype))
-    return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) { return avx2::backward_pair(params, pair, ws); });
+    return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
+      const avx2::Outcome outcome = avx2::backward_pair(params, pair, ws);
+      if (outcome == avx2::Outcome::kNeedsPortable) scalar::backward_one_pair(params, pair);
+      return outcome != avx2::Outcome::kNoMemory;
+    });
 #else
   capability();
 #endif

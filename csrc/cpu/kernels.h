@@ -9,6 +9,11 @@ namespace bspf::cpu::scalar {
 void mask(const ForwardParams& params);
 void forward(const ForwardParams& params);
 void backward(const BackwardParams& params);
+
+// One float32 (batch, head) pair, for the pairs the AVX2 path hands back (extreme logits:
+// see avx2::Outcome). Uses the thread it is called on.
+void forward_one_pair(const ForwardParams& params, int64_t pair);
+void backward_one_pair(const BackwardParams& params, int64_t pair);
 }  // namespace bspf::cpu::scalar
 
 // The AVX2+FMA path (float32 only), compiled with -mavx2 -mfma in its own translation
@@ -31,9 +36,16 @@ struct KeepCounts {
   int64_t tail = 0;  // keep_count(r, Ω, |last chunk|)
 };
 
-// Each returns false when scratch memory could not be allocated (nothing is written then).
+// What became of a pair. kNoMemory: scratch memory could not be allocated (nothing is
+// written). kNeedsPortable: float32 in linear space, as this path computes, cannot
+// represent the pair's rows exactly enough (extreme logits: a row whose kept entries all
+// lie far below its maximum); the caller computes the pair with scalar::*_one_pair, which
+// works in log space and overwrites whatever was written.
+enum class Outcome { kDone, kNoMemory, kNeedsPortable };
+
+// Returns false when scratch memory could not be allocated (nothing is written then).
 bool mask_pair(const ForwardParams& params, const KeepCounts& keep, int64_t pair, Workspace* workspace);
-bool forward_pair(const ForwardParams& params, const KeepCounts& keep, int64_t pair, Workspace* workspace);
-bool backward_pair(const BackwardParams& params, int64_t pair, Workspace* workspace);
+Outcome forward_pair(const ForwardParams& params, const KeepCounts& keep, int64_t pair, Workspace* workspace);
+Outcome backward_pair(const BackwardParams& params, int64_t pair, Workspace* workspace);
 
 }  // namespace bspf::cpu::avx2

@@ -146,11 +146,14 @@ void compute_lse(const std::vector<T>& logits, int64_t n, T* lse) {
   }
 }
 
-// Turns logits into P in place: P(i, j) = exp(L(i, j) − lse_i).
+// Turns logits into log P in place: log P(i, j) = L(i, j) − lse_i. Finite for finite logits
+// however large, where P itself may underflow (SPEC §6, extreme logits). Capped at 0: at
+// logits of 1e8, float32's rounding can put L above lse (std::min keeps a NaN in its first
+// argument).
 template <typename T>
-void logits_to_probs(std::vector<T>& logits, int64_t n, const T* lse) {
+void logits_to_log_probs(std::vector<T>& logits, int64_t n, const T* lse) {
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) logits[i * n + j] = std::exp(logits[i * n + j] - lse[i]);
+    for (int64_t j = 0; j < n; ++j) logits[i * n + j] = std::min(logits[i * n + j] - lse[i], T(0));
 }
 
 // Calls fn(j, similarity) for every pruned entry (i, j) whose target (b(i), j) is kept,
@@ -172,31 +175,57 @@ void for_each_fused_entry(int64_t i, const Chunks& ch, const uint64_t* words, co
   }
 }
 
-// R = P ⊙ M + F (SPEC §3.8), before normalisation.
+// R = P ⊙ M + F (SPEC §3.8) is evaluated in log space: each of its terms, P(p, j) on a kept
+// entry and ρ_i · H · P(i, j) fused into row p = b(i), is exp(its log − shift_p), so that
+// no row underflows whole when its mass sits on pruned entries. A = R / Z does not depend
+// on the shift.
+
+// shift_p = the log of row p's largest term: R_p / exp(shift_p) then has entries <= 1
+// and a sum >= 1.
 template <typename T>
-void compute_weights(const std::vector<T>& probs, const Chunks& ch, const uint64_t* words,
-                     const int32_t* match, const T* rho, bool fuse, std::vector<T>& weights) {
+void row_shifts(const std::vector<T>& log_probs, const Chunks& ch, const uint64_t* words, const int32_t* match,
+                const T* rho, bool fuse, std::vector<T>& shift) {
+  const int64_t n = ch.n, C = ch.count;
+  shift.assign(n, -std::numeric_limits<T>::infinity());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < C; ++c)
+      for (uint64_t w = words[i * C + c]; w; w &= w - 1)
+        shift[i] = std::max(shift[i], log_probs[i * n + ch.begin(c) + __builtin_ctzll(w)]);
+  if (!fuse) return;
+  for (int64_t i = 0; i < n; ++i) {
+    T& target = shift[match[i]];
+    for_each_fused_entry(i, ch, words, match, rho, [&](int64_t j, T similarity) {
+      target = std::max(target, log_probs[i * n + j] + std::log(rho[i] * similarity));
+    });
+  }
+}
+
+// R_p / exp(shift_p) for every row p. With the forward's row_shifts its entries are at
+// most 1; with log Z as the shift (the backward) it is A itself.
+template <typename T>
+void compute_weights(const std::vector<T>& log_probs, const Chunks& ch, const uint64_t* words,
+                     const int32_t* match, const T* rho, bool fuse, const T* shift, std::vector<T>& weights) {
   const int64_t n = ch.n, C = ch.count;
   weights.assign(n * n, T(0));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < C; ++c)
       for (uint64_t w = words[i * C + c]; w; w &= w - 1) {
         const int64_t j = ch.begin(c) + __builtin_ctzll(w);
-        weights[i * n + j] = probs[i * n + j];
+        weights[i * n + j] = std::exp(log_probs[i * n + j] - shift[i]);
       }
   if (!fuse) return;
   for (int64_t i = 0; i < n; ++i) {
-    T* target = &weights[match[i] * n];
-    const T* source = &probs[i * n];
-    const T r = rho[i];
-    for_each_fused_entry(i, ch, words, match, rho,
-                         [&](int64_t j, T similarity) { target[j] += r * similarity * source[j]; });
+    const int64_t p = match[i];
+    T* target = &weights[p * n];
+    for_each_fused_entry(i, ch, words, match, rho, [&](int64_t j, T similarity) {
+      target[j] += std::exp(log_probs[i * n + j] + std::log(rho[i] * similarity) - shift[p]);
+    });
   }
 }
 
 template <typename T>
 struct Workspace {
-  std::vector<T> x, v, g, logits, weights, grad_weights, grad_x, grad_v;
+  std::vector<T> x, v, g, logits, weights, grad_weights, shift;
 };
 
 template <typename T>
@@ -216,152 +245,168 @@ void mask_impl(const ForwardParams& fp) {
 }
 
 template <typename T>
-void forward_impl(const ForwardParams& fp) {
+void forward_pair(const ForwardParams& fp, int64_t pair, Workspace<T>& w) {
   const Problem& p = fp.p;
   const Chunks ch(p.seqlen, p.block_size);
   const int64_t n = p.seqlen, d = p.head_dim, dv = p.value_dim;
-  std::vector<Workspace<T>> ws(worker_count(p.pairs(), fp.num_threads));
-  parallel_for(p.pairs(), fp.num_threads, [&](int64_t pair, int32_t worker) {
-    Workspace<T>& w = ws[worker];
-    const int64_t b = pair / p.heads, h = pair % p.heads;
-    uint64_t* words = fp.saved.mask_words + pair * n * ch.count;
-    int32_t* match = fp.saved.match + pair * n;
-    T* rho = static_cast<T*>(fp.saved.rho) + pair * n;
-    T* lse = static_cast<T*>(fp.saved.lse) + pair * n;
-    T* row_sum = static_cast<T*>(fp.saved.row_sum) + pair * n;
-    T* out = static_cast<T*>(fp.out) + pair * n * dv;
+  const int64_t b = pair / p.heads, h = pair % p.heads;
+  uint64_t* words = fp.saved.mask_words + pair * n * ch.count;
+  int32_t* match = fp.saved.match + pair * n;
+  T* rho = static_cast<T*>(fp.saved.rho) + pair * n;
+  T* lse = static_cast<T*>(fp.saved.lse) + pair * n;
+  T* log_row_sum = static_cast<T*>(fp.saved.log_row_sum) + pair * n;
+  T* out = static_cast<T*>(fp.out) + pair * n * dv;
 
-    gather_rows(static_cast<const T*>(fp.qk), fp.qk_stride, b, h, n, d, w.x);
-    gather_rows(static_cast<const T*>(fp.v), fp.v_stride, b, h, n, dv, w.v);
-    compute_logits(w.x, n, d, static_cast<T>(p.scale), w.logits);
-    compute_mask_words(w.logits, ch, static_cast<const T*>(fp.score_kernel), fp.keep_ratio, words);
-    compute_match(w.x, ch, d, match, rho);
-    compute_lse(w.logits, n, lse);
-    logits_to_probs(w.logits, n, lse);
-    compute_weights(w.logits, ch, words, match, rho, p.fuse, w.weights);
+  gather_rows(static_cast<const T*>(fp.qk), fp.qk_stride, b, h, n, d, w.x);
+  gather_rows(static_cast<const T*>(fp.v), fp.v_stride, b, h, n, dv, w.v);
+  compute_logits(w.x, n, d, static_cast<T>(p.scale), w.logits);
+  compute_mask_words(w.logits, ch, static_cast<const T*>(fp.score_kernel), fp.keep_ratio, words);
+  compute_match(w.x, ch, d, match, rho);
+  compute_lse(w.logits, n, lse);
+  logits_to_log_probs(w.logits, n, lse);
+  row_shifts(w.logits, ch, words, match, rho, p.fuse, w.shift);
+  compute_weights(w.logits, ch, words, match, rho, p.fuse, w.shift.data(), w.weights);
 
-    for (int64_t i = 0; i < n; ++i) {
-      const T* r = &w.weights[i * n];
-      T z = 0;
-      for (int64_t j = 0; j < n; ++j) z += r[j];
-      row_sum[i] = z;
-      T* o = out + i * dv;
-      std::fill(o, o + dv, T(0));
-      for (int64_t c = 0; c < ch.count; ++c)
-        for (uint64_t m = words[i * ch.count + c]; m; m &= m - 1) {
-          const int64_t j = ch.begin(c) + __builtin_ctzll(m);
-          const T a = r[j] / z;
-          for (int64_t k = 0; k < dv; ++k) o[k] += a * w.v[j * dv + k];
-        }
-    }
-  });
+  for (int64_t i = 0; i < n; ++i) {
+    const T* r = &w.weights[i * n];
+    T z = 0;  // >= 1: the row's largest term is exp(0)
+    for (int64_t j = 0; j < n; ++j) z += r[j];
+    log_row_sum[i] = w.shift[i] + std::log(z);
+    T* o = out + i * dv;
+    std::fill(o, o + dv, T(0));
+    for (int64_t c = 0; c < ch.count; ++c)
+      for (uint64_t m = words[i * ch.count + c]; m; m &= m - 1) {
+        const int64_t j = ch.begin(c) + __builtin_ctzll(m);
+        const T a = r[j] / z;
+        for (int64_t k = 0; k < dv; ++k) o[k] += a * w.v[j * dv + k];
+      }
+  }
 }
 
 template <typename T>
-void backward_impl(const BackwardParams& bp) {
+void backward_pair(const BackwardParams& bp, int64_t pair, Workspace<T>& w) {
   const Problem& p = bp.p;
   const Chunks ch(p.seqlen, p.block_size);
   const int64_t n = p.seqlen, d = p.head_dim, dv = p.value_dim, C = ch.count;
   const T scale = static_cast<T>(p.scale);
-  std::vector<Workspace<T>> ws(worker_count(p.pairs(), bp.num_threads));
-  parallel_for(p.pairs(), bp.num_threads, [&](int64_t pair, int32_t worker) {
-    Workspace<T>& w = ws[worker];
-    const int64_t b = pair / p.heads, h = pair % p.heads;
-    const uint64_t* words = bp.saved.mask_words + pair * n * C;
-    const int32_t* match = bp.saved.match + pair * n;
-    const T* rho = static_cast<const T*>(bp.saved.rho) + pair * n;
-    const T* lse = static_cast<const T*>(bp.saved.lse) + pair * n;
-    const T* row_sum = static_cast<const T*>(bp.saved.row_sum) + pair * n;
-    T* grad_qk = static_cast<T*>(bp.grad_qk) + pair * n * d;
-    T* grad_v = static_cast<T*>(bp.grad_v) + pair * n * dv;
+  const int64_t b = pair / p.heads, h = pair % p.heads;
+  const uint64_t* words = bp.saved.mask_words + pair * n * C;
+  const int32_t* match = bp.saved.match + pair * n;
+  const T* rho = static_cast<const T*>(bp.saved.rho) + pair * n;
+  const T* lse = static_cast<const T*>(bp.saved.lse) + pair * n;
+  const T* log_z = static_cast<const T*>(bp.saved.log_row_sum) + pair * n;
+  T* grad_qk = static_cast<T*>(bp.grad_qk) + pair * n * d;
+  T* grad_v = static_cast<T*>(bp.grad_v) + pair * n * dv;
 
-    gather_rows(static_cast<const T*>(bp.qk), bp.qk_stride, b, h, n, d, w.x);
-    gather_rows(static_cast<const T*>(bp.v), bp.v_stride, b, h, n, dv, w.v);
-    gather_rows(static_cast<const T*>(bp.grad_out), bp.grad_out_stride, b, h, n, dv, w.g);
-    compute_logits(w.x, n, d, scale, w.logits);
-    logits_to_probs(w.logits, n, lse);  // w.logits now holds P
-    const std::vector<T>& probs = w.logits;
-    compute_weights(probs, ch, words, match, rho, p.fuse, w.weights);  // R
+  gather_rows(static_cast<const T*>(bp.qk), bp.qk_stride, b, h, n, d, w.x);
+  gather_rows(static_cast<const T*>(bp.v), bp.v_stride, b, h, n, dv, w.v);
+  gather_rows(static_cast<const T*>(bp.grad_out), bp.grad_out_stride, b, h, n, dv, w.g);
+  compute_logits(w.x, n, d, scale, w.logits);
+  logits_to_log_probs(w.logits, n, lse);  // w.logits now holds log P
+  const std::vector<T>& log_probs = w.logits;
+  compute_weights(log_probs, ch, words, match, rho, p.fuse, log_z, w.weights);  // A
 
-    // dV = Aᵀ G and dR(i, j) = (dA(i, j) − Σ_k A(i, k) dA(i, k)) / Z_i on kept entries.
-    std::vector<T>& grad_r = w.grad_weights;
-    grad_r.assign(n * n, T(0));
-    std::fill(grad_v, grad_v + n * dv, T(0));
+  // dV = Aᵀ G and, on kept entries, D(i, j) = dA(i, j) − Σ_k A(i, k) dA(i, k) = Z_i · dR(i, j).
+  std::vector<T>& grad_r = w.grad_weights;
+  grad_r.assign(n * n, T(0));
+  std::fill(grad_v, grad_v + n * dv, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    T a_dot_da = 0;
+    for (int64_t c = 0; c < C; ++c)
+      for (uint64_t m = words[i * C + c]; m; m &= m - 1) {
+        const int64_t j = ch.begin(c) + __builtin_ctzll(m);
+        const T a = w.weights[i * n + j];
+        const T da = dot(w.g.data() + i * dv, w.v.data() + j * dv, dv);  // data(): Dv may be 0
+        grad_r[i * n + j] = da;
+        a_dot_da += a * da;
+        for (int64_t k = 0; k < dv; ++k) grad_v[j * dv + k] += a * w.g[i * dv + k];
+      }
+    for (int64_t c = 0; c < C; ++c)
+      for (uint64_t m = words[i * C + c]; m; m &= m - 1) {
+        const int64_t j = ch.begin(c) + __builtin_ctzll(m);
+        grad_r[i * n + j] -= a_dot_da;
+      }
+  }
+
+  // P ⊙ dP (SPEC §4), each term formed in log space like A: a kept entry gives
+  // exp(log P(i, j) − log Z_i) · D(i, j), a pruned one that moves to p = b(i) gives
+  // exp(log(ρ_i H P(i, j)) − log Z_p) · D(p, j). dρ_i gathers the latter divided by ρ_i.
+  // It overwrites the weights buffer (A is no longer needed).
+  std::vector<T>& p_dp = w.weights;
+  p_dp.assign(n * n, T(0));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < C; ++c)
+      for (uint64_t m = words[i * C + c]; m; m &= m - 1) {
+        const int64_t j = ch.begin(c) + __builtin_ctzll(m);
+        p_dp[i * n + j] = std::exp(log_probs[i * n + j] - log_z[i]) * grad_r[i * n + j];
+      }
+  std::vector<T> grad_rho(n, T(0));
+  if (p.fuse)
     for (int64_t i = 0; i < n; ++i) {
-      const T z = row_sum[i];
-      T a_dot_da = 0;
-      for (int64_t c = 0; c < C; ++c)
-        for (uint64_t m = words[i * C + c]; m; m &= m - 1) {
-          const int64_t j = ch.begin(c) + __builtin_ctzll(m);
-          const T a = w.weights[i * n + j] / z;
-          const T da = dot(w.g.data() + i * dv, w.v.data() + j * dv, dv);  // data(): Dv may be 0
-          grad_r[i * n + j] = da;
-          a_dot_da += a * da;
-          for (int64_t k = 0; k < dv; ++k) grad_v[j * dv + k] += a * w.g[i * dv + k];
-        }
-      for (int64_t c = 0; c < C; ++c)
-        for (uint64_t m = words[i * C + c]; m; m &= m - 1) {
-          const int64_t j = ch.begin(c) + __builtin_ctzll(m);
-          grad_r[i * n + j] = (grad_r[i * n + j] - a_dot_da) / z;
-        }
+      const int64_t t = match[i];
+      const T* grad_target = &grad_r[t * n];
+      T acc = 0;
+      for_each_fused_entry(i, ch, words, match, rho, [&](int64_t j, T similarity) {
+        const T moved = std::exp(log_probs[i * n + j] + std::log(rho[i] * similarity) - log_z[t]) * grad_target[j];
+        p_dp[i * n + j] += moved;
+        acc += moved;
+      });
+      grad_rho[i] = acc / rho[i];
     }
 
-    // dP: kept entries take dR directly; pruned ones reach dR of their match's row.
-    // dP overwrites the weights buffer (R is no longer needed).
-    std::vector<T>& grad_p = w.weights;
-    grad_p = grad_r;
-    std::vector<T> grad_rho(n, T(0));
-    if (p.fuse)
-      for (int64_t i = 0; i < n; ++i) {
-        const T* grad_target = &grad_r[match[i] * n];
-        const T r = rho[i];
-        T acc = 0;
-        for_each_fused_entry(i, ch, words, match, rho, [&](int64_t j, T similarity) {
-          grad_p[i * n + j] += r * similarity * grad_target[j];
-          acc += similarity * probs[i * n + j] * grad_target[j];
-        });
-        grad_rho[i] = acc;
-      }
-
-    // dL = P ⊙ (dP − rowsum(P ⊙ dP)), then dX = scale · (dL + dLᵀ) X.
-    for (int64_t i = 0; i < n; ++i) {
-      T s = 0;
-      for (int64_t j = 0; j < n; ++j) s += probs[i * n + j] * grad_p[i * n + j];
-      for (int64_t j = 0; j < n; ++j) grad_p[i * n + j] = probs[i * n + j] * (grad_p[i * n + j] - s);
+  // dL = P ⊙ dP − P ⊙ rowsum(P ⊙ dP), then dX = scale · (dL + dLᵀ) X.
+  std::vector<T>& grad_l = p_dp;  // in place
+  for (int64_t i = 0; i < n; ++i) {
+    T s = 0;
+    for (int64_t j = 0; j < n; ++j) s += p_dp[i * n + j];
+    for (int64_t j = 0; j < n; ++j) grad_l[i * n + j] = p_dp[i * n + j] - std::exp(log_probs[i * n + j]) * s;
+  }
+  std::fill(grad_qk, grad_qk + n * d, T(0));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const T sym = scale * (grad_l[i * n + j] + grad_l[j * n + i]);
+      if (sym == T(0)) continue;
+      for (int64_t k = 0; k < d; ++k) grad_qk[i * d + k] += sym * w.x[j * d + k];
     }
-    std::fill(grad_qk, grad_qk + n * d, T(0));
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j) {
-        const T sym = scale * (grad_p[i * n + j] + grad_p[j * n + i]);
-        if (sym == T(0)) continue;
-        for (int64_t k = 0; k < d; ++k) grad_qk[i * d + k] += sym * w.x[j * d + k];
-      }
 
-    // The cosine behind ρ_i = max(cos(x_i, x_b(i)), 0) (SPEC §4, last line).
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t q = match[i];
-      if (q == i || !(rho[i] > T(0)) || grad_rho[i] == T(0)) continue;
-      const T* xi = &w.x[i * d];
-      const T* xq = &w.x[q * d];
-      const T nx = std::sqrt(dot(xi, xi, d)), nq = std::sqrt(dot(xq, xq, d));
-      const T prod = nx * nq, g = grad_rho[i];
-      T* gi = grad_qk + i * d;
-      T* gq = grad_qk + q * d;
-      if (prod >= static_cast<T>(kCosEps)) {
-        const T cos = dot(xi, xq, d) / prod;
-        for (int64_t k = 0; k < d; ++k) {
-          gi[k] += g * (xq[k] / prod - cos * xi[k] / (nx * nx));
-          gq[k] += g * (xi[k] / prod - cos * xq[k] / (nq * nq));
-        }
-      } else {
-        const T eps = static_cast<T>(kCosEps);
-        for (int64_t k = 0; k < d; ++k) {
-          gi[k] += g * xq[k] / eps;
-          gq[k] += g * xi[k] / eps;
-        }
+  // The cosine behind ρ_i = max(cos(x_i, x_b(i)), 0) (SPEC §4, last line).
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t q = match[i];
+    if (q == i || !(rho[i] > T(0)) || grad_rho[i] == T(0)) continue;
+    const T* xi = &w.x[i * d];
+    const T* xq = &w.x[q * d];
+    const T nx = std::sqrt(dot(xi, xi, d)), nq = std::sqrt(dot(xq, xq, d));
+    const T prod = nx * nq, g = grad_rho[i];
+    T* gi = grad_qk + i * d;
+    T* gq = grad_qk + q * d;
+    if (prod >= static_cast<T>(kCosEps)) {
+      const T cos = dot(xi, xq, d) / prod;
+      for (int64_t k = 0; k < d; ++k) {
+        gi[k] += g * (xq[k] / prod - cos * xi[k] / (nx * nx));
+        gq[k] += g * (xi[k] / prod - cos * xq[k] / (nq * nq));
+      }
+    } else {
+      const T eps = static_cast<T>(kCosEps);
+      for (int64_t k = 0; k < d; ++k) {
+        gi[k] += g * xq[k] / eps;
+        gq[k] += g * xi[k] / eps;
       }
     }
-  });
+  }
+}
+
+template <typename T>
+void forward_impl(const ForwardParams& fp) {
+  std::vector<Workspace<T>> ws(worker_count(fp.p.pairs(), fp.num_threads));
+  parallel_for(fp.p.pairs(), fp.num_threads,
+               [&](int64_t pair, int32_t worker) { forward_pair<T>(fp, pair, ws[worker]); });
+}
+
+template <typename T>
+void backward_impl(const BackwardParams& bp) {
+  std::vector<Workspace<T>> ws(worker_count(bp.p.pairs(), bp.num_threads));
+  parallel_for(bp.p.pairs(), bp.num_threads,
+               [&](int64_t pair, int32_t worker) { backward_pair<T>(bp, pair, ws[worker]); });
 }
 
 template <template <typename> class Impl, typename Params>
@@ -382,5 +427,17 @@ template <typename T> struct BackwardOp { static void run(const BackwardParams& 
 void mask(const ForwardParams& params) { by_dtype<MaskOp>(params); }
 void forward(const ForwardParams& params) { by_dtype<ForwardOp>(params); }
 void backward(const BackwardParams& params) { by_dtype<BackwardOp>(params); }
+
+void forward_one_pair(const ForwardParams& params, int64_t pair) {
+  if (params.p.dtype != DType::kFloat32) throw std::invalid_argument("forward_one_pair: float32 only");
+  Workspace<float> workspace;
+  forward_pair<float>(params, pair, workspace);
+}
+
+void backward_one_pair(const BackwardParams& params, int64_t pair) {
+  if (params.p.dtype != DType::kFloat32) throw std::invalid_argument("backward_one_pair: float32 only");
+  Workspace<float> workspace;
+  backward_pair<float>(params, pair, workspace);
+}
 
 }  // namespace bspf::cpu::scalar

@@ -127,7 +127,7 @@ void require_saved(const Saved& saved) {
   require(saved.match, "match");
   require(saved.rho, "rho");
   require(saved.lse, "lse");
-  require(saved.row_sum, "row_sum");
+  require(saved.log_row_sum, "log_row_sum");
 }
 
 }  // namespace

@@ -161,14 +161,16 @@ template <typename A>
 __device__ void load_strip_rows(const StripRows<A>& dst, const BackwardParams& bp, int64_t pair_row0,
                                 const GradStrip& s, const A* stats, int64_t stat_stride) {
   const A* lse = static_cast<const A*>(bp.saved.lse) + pair_row0;
-  const A* z = static_cast<const A*>(bp.saved.row_sum) + pair_row0;
+  const A* log_z = static_cast<const A*>(bp.saved.log_row_sum) + pair_row0;
   const A* rho = static_cast<const A*>(bp.saved.rho) + pair_row0;
   const int32_t* match = bp.saved.match + pair_row0;
   for (int r = threadIdx.x; r < kGradStrip; r += kThreads) {
     const bool in = r < s.rows;
     const int64_t i = s.r0 + r;
     dst.lse(r) = in ? lse[i] : A(0);
-    dst.z(r) = in ? z[i] : A(1);
+    // Z_i itself, from its saved log: these kernels work with linear row sums, so a row
+    // whose Z_i underflows (extreme logits, docs/spec.md) is not handled on CUDA yet.
+    dst.z(r) = in ? exp_acc(log_z[i]) : A(1);
     dst.rho(r) = in ? rho[i] : A(0);
     dst.match(r) = in ? static_cast<int32_t>(match[i] - s.r0) : r;
     dst.delta(r) = in && stats ? stats[kDelta * stat_stride + i] : A(0);

@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams fp, For
       fp.saved.match[row0 + i] = static_cast<int32_t>(s.r0 + sm.match[i]);
       static_cast<A*>(fp.saved.rho)[row0 + i] = sm.rho[i];
       static_cast<A*>(fp.saved.lse)[row0 + i] = sm.lse[i];
-      static_cast<A*>(fp.saved.row_sum)[row0 + i] = sm.z[i];
+      static_cast<A*>(fp.saved.log_row_sum)[row0 + i] = log_acc(sm.z[i]);
     }
     if (Dv > 0) {
       const Rows<T> v = pair_rows<T>(fp.v, fp.v_stride, pair, fp.p.heads);

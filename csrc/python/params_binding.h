@@ -57,7 +57,7 @@ inline void bind_params(py::module_& m) {
   BSPF_POINTER_FIELD(saved, Saved, match, int32_t*);
   BSPF_POINTER_FIELD(saved, Saved, rho, void*);
   BSPF_POINTER_FIELD(saved, Saved, lse, void*);
-  BSPF_POINTER_FIELD(saved, Saved, row_sum, void*);
+  BSPF_POINTER_FIELD(saved, Saved, log_row_sum, void*);
 
   py::class_<ForwardParams> fwd(m, "ForwardParams", py::module_local());
   fwd.def(py::init<>())

@@ -12,11 +12,11 @@ from ._ops import allocate_forward, backward_op, block_mask_op, forward_op, unpa
 @forward_op.register_kernel("cpu")
 def _forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
     outputs = allocate_forward(qk, v, block_size)
-    out, mask_words, match, rho, lse, row_sum = outputs
+    out, mask_words, match, rho, lse, log_row_sum = outputs
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
         return tuple(t.zero_() for t in outputs)
     kernel = _params.kernel_buffer(score_kernel, qk.dtype)
-    saved = _params.saved(_C, mask_words, match, rho, lse, row_sum)
+    saved = _params.saved(_C, mask_words, match, rho, lse, log_row_sum)
     params = _params.forward_params(
         _C, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved, torch.get_num_threads()
     )
@@ -25,12 +25,12 @@ def _forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
 
 
 @backward_op.register_kernel("cpu")
-def _backward_cpu(grad_out, qk, v, mask_words, match, rho, lse, row_sum, block_size, fuse, scale):
+def _backward_cpu(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, block_size, fuse, scale):
     grad_qk = torch.empty(qk.shape, dtype=qk.dtype)
     grad_v = torch.empty(v.shape, dtype=v.dtype)
     if mask_words.numel() == 0:
         return grad_qk.zero_(), grad_v.zero_()
-    saved = _params.saved(_C, mask_words, match, rho, lse, row_sum)
+    saved = _params.saved(_C, mask_words, match, rho, lse, log_row_sum)
     params = _params.backward_params(
         _C, grad_out, qk, v, saved, block_size, fuse, scale, grad_qk, grad_v, torch.get_num_threads()
     )

@@ -18,19 +18,19 @@ def _stream(device: torch.device) -> int:
 def _forward_cuda(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
     _backends.check_cuda_driver()
     outputs = allocate_forward(qk, v, block_size)
-    out, mask_words, match, rho, lse, row_sum = outputs
+    out, mask_words, match, rho, lse, log_row_sum = outputs
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
         return tuple(t.zero_() for t in outputs)
     with torch.cuda.device(qk.device):
         kernel = _params.kernel_buffer(score_kernel, qk.dtype)
-        saved = _params.saved(_cuda, mask_words, match, rho, lse, row_sum)
+        saved = _params.saved(_cuda, mask_words, match, rho, lse, log_row_sum)
         params = _params.forward_params(_cuda, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved, 0)
         _cuda.forward(params, qk.device.index, _stream(qk.device))
     return outputs
 
 
 @backward_op.register_kernel("cuda")
-def _backward_cuda(grad_out, qk, v, mask_words, match, rho, lse, row_sum, block_size, fuse, scale):
+def _backward_cuda(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, block_size, fuse, scale):
     _backends.check_cuda_driver()
     acc = _params.accumulation_dtype(qk.dtype)
     with torch.cuda.device(qk.device):
@@ -48,7 +48,7 @@ def _backward_cuda(grad_out, qk, v, mask_words, match, rho, lse, row_sum, block_
         workspace.row_stats = row_stats.data_ptr()
         workspace.grad_qk_acc = grad_qk_acc.data_ptr()
         workspace.grad_v_acc = grad_v_acc.data_ptr()
-        saved = _params.saved(_cuda, mask_words, match, rho, lse, row_sum)
+        saved = _params.saved(_cuda, mask_words, match, rho, lse, log_row_sum)
         params = _params.backward_params(_cuda, grad_out, qk, v, saved, block_size, fuse, scale, grad_qk, grad_v, 0)
         _cuda.backward(params, workspace, qk.device.index, _stream(qk.device))
     return grad_qk, grad_v

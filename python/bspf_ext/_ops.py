@@ -3,7 +3,7 @@ fake (meta) implementations and autograd. Device kernels register themselves fro
 _cpu_ops.py (and the CUDA launcher when the package was built with CUDA).
 
 Three ops:
-  bspf_ext::forward   -> (out, mask_words, match, rho, lse, row_sum); the last five are
+  bspf_ext::forward   -> (out, mask_words, match, rho, lse, log_row_sum); the last five are
                          the discrete choices and row statistics saved for the backward
   bspf_ext::backward  -> (grad_qk, grad_v), its own op so compile/opcheck/graphs compose
   bspf_ext::block_mask -> the boolean keep mask
@@ -40,7 +40,7 @@ def backward_op(
     match: Tensor,
     rho: Tensor,
     lse: Tensor,
-    row_sum: Tensor,
+    log_row_sum: Tensor,
     block_size: int,
     fuse: bool,
     scale: float,
@@ -63,8 +63,8 @@ def allocate_forward(qk: Tensor, v: Tensor, block_size: int):
     out = qk.new_empty((b, h, n, v.shape[-1]))
     mask_words = qk.new_empty((b, h, n, num_chunks(n, block_size)), dtype=torch.int64)
     match = qk.new_empty((b, h, n), dtype=torch.int32)
-    rho, lse, row_sum = (qk.new_empty((b, h, n), dtype=acc) for _ in range(3))
-    return out, mask_words, match, rho, lse, row_sum
+    rho, lse, log_row_sum = (qk.new_empty((b, h, n), dtype=acc) for _ in range(3))
+    return out, mask_words, match, rho, lse, log_row_sum
 
 
 def unpack_mask_words(mask_words: Tensor, n: int, block_size: int) -> Tensor:
@@ -80,7 +80,7 @@ def _(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
 
 
 @backward_op.register_fake
-def _(grad_out, qk, v, mask_words, match, rho, lse, row_sum, block_size, fuse, scale):
+def _(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, block_size, fuse, scale):
     return qk.new_empty(qk.shape), v.new_empty(v.shape)
 
 
@@ -95,17 +95,17 @@ def _(qk, score_kernel, block_size, keep_ratio, scale):
 
 def _setup_context(ctx, inputs, output):
     qk, v, score_kernel, block_size, _keep_ratio, fuse, scale = inputs
-    _out, mask_words, match, rho, lse, row_sum = output
-    ctx.save_for_backward(qk, v, mask_words, match, rho, lse, row_sum)
+    _out, mask_words, match, rho, lse, log_row_sum = output
+    ctx.save_for_backward(qk, v, mask_words, match, rho, lse, log_row_sum)
     ctx.block_size, ctx.fuse, ctx.scale = block_size, fuse, scale
     ctx.kernel_like = (score_kernel.dtype, score_kernel.device)
-    ctx.mark_non_differentiable(mask_words, match, rho, lse, row_sum)
+    ctx.mark_non_differentiable(mask_words, match, rho, lse, log_row_sum)
 
 
 def _backward(ctx, grad_out, *_unused_grads):
-    qk, v, mask_words, match, rho, lse, row_sum = ctx.saved_tensors
+    qk, v, mask_words, match, rho, lse, log_row_sum = ctx.saved_tensors
     grad_qk, grad_v = backward_op(
-        grad_out, qk, v, mask_words, match, rho, lse, row_sum, ctx.block_size, ctx.fuse, ctx.scale
+        grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, ctx.block_size, ctx.fuse, ctx.scale
     )
     # The score kernel only moves the discrete mask: its gradient is exactly zero (SPEC §4).
     grad_kernel = None

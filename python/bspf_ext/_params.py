@@ -41,13 +41,13 @@ def problem(backend, qk: torch.Tensor, v: torch.Tensor, block_size: int, scale: 
     return p
 
 
-def saved(backend, mask_words, match, rho, lse, row_sum):
+def saved(backend, mask_words, match, rho, lse, log_row_sum):
     s = backend.Saved()
     s.mask_words = mask_words.data_ptr()
     s.match = match.data_ptr()
     s.rho = rho.data_ptr()
     s.lse = lse.data_ptr()
-    s.row_sum = row_sum.data_ptr()
+    s.log_row_sum = log_row_sum.data_ptr()
     return s
 
 

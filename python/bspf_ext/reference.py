@@ -260,19 +260,32 @@ def block_symmetric_attention(
     if mask is None:
         mask = _keep_mask_from_logits(logits.detach(), score_kernel, block_size, keep_ratio)
     mask = mask.expand_as(logits)
-    probs = torch.softmax(logits, dim=-1)
-    kept = mask.to(probs.dtype)
-    weights = probs * kept
+    # In log space (SPEC §6, extreme logits): log P is finite for any finite logits, while
+    # P itself may underflow on every kept entry of a row whose mass sits on pruned ones.
+    log_probs = torch.log_softmax(logits, dim=-1)
+    own = log_probs.masked_fill(~mask, -math.inf)  # log of P ⊙ M
 
     if fuse:
         match, rho = _match_and_rho(qk, block_size, match)
         match = match.expand(*logits.shape[:-1])
-        similarity = _pattern_similarity(mask, match, block_size).to(probs.dtype)
-        pruned_share = rho[..., None] * similarity * probs * (1.0 - kept)
-        fused = torch.zeros_like(probs).scatter_add(
-            -2, match[..., None].expand_as(probs), pruned_share
+        alpha = rho[..., None] * _pattern_similarity(mask, match, block_size).to(logits.dtype)
+        target_kept = mask.gather(-2, match[..., None].expand_as(mask))
+        moved = ~mask & target_kept & (alpha > 0)
+        # log(ρ_i · H · P(i, j)) on the entries row i moves to row b(i); log of 1 elsewhere
+        # keeps the gradient of the unused branch finite.
+        log_alpha = torch.log(torch.where(moved, alpha, torch.ones_like(alpha)))
+        shares = (log_probs + log_alpha).masked_fill(~moved, -math.inf)
+        with torch.no_grad():
+            # Each row's largest term: R / exp(shift) then has entries <= 1 and a row sum >= 1.
+            # A = R / Z does not depend on the shift, so it carries no gradient.
+            share_max = own.new_full(own.shape[:-1], -math.inf).scatter_reduce(-1, match, shares.amax(-1), "amax")
+            shift = torch.maximum(own.amax(-1), share_max)
+        weights = torch.exp(own - shift[..., None])
+        weights = weights.scatter_add(
+            -2, match[..., None].expand_as(shares), torch.exp(shares - shift.gather(-1, match)[..., None])
         )
-        weights = weights + fused * kept
+    else:
+        weights = torch.exp(own - own.detach().amax(-1, keepdim=True))
 
     attn = weights / weights.sum(-1, keepdim=True)
     return attn @ v

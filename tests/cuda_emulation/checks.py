@@ -5,7 +5,7 @@ As tests/support.py's assert_close_to_reference: float64 to 1e-10 against the pl
 reference; below float64 the kernel's mask and matches may differ from float64's only at
 near-ties, and its outputs must equal the float64 reference computed with the kernel's
 own mask= and match= on the same rounded inputs. Gradients use test_ops_cuda.py's
-GRAD_RTOL. Every saved buffer is checked too (mask words bit for bit, match, ρ, lse, Z).
+GRAD_RTOL. Every saved buffer is checked too (mask words bit for bit, match, ρ, lse, log Z).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def assert_mask_words_well_formed(words: torch.Tensor, n: int, block_size: int, 
 
 
 def row_statistics(qk64, mask, match, *, block_size, fuse, scale):
-    """(ρ, lse, Z) of SPEC §3 in float64, with the given mask and matches."""
+    """(ρ, lse, log Z) of SPEC §3 in float64, with the given mask and matches."""
     logits = _scale(qk64, scale) * (qk64 @ qk64.transpose(-1, -2))
     probs = torch.softmax(logits, -1)
     kept = mask.to(probs.dtype)
@@ -54,7 +54,7 @@ def row_statistics(qk64, mask, match, *, block_size, fuse, scale):
         similarity = reference._pattern_similarity(mask, match, block_size).to(probs.dtype)
         share = rho[..., None] * similarity * probs * (1.0 - kept)
         weights = weights + torch.zeros_like(probs).scatter_add(-2, match[..., None].expand_as(probs), share) * kept
-    return rho, torch.logsumexp(logits, -1), weights.sum(-1)
+    return rho, torch.logsumexp(logits, -1), weights.sum(-1).log()
 
 
 def _assert_close(got, expected, rtol, what):
@@ -92,10 +92,11 @@ def check_forward(cuda, qk, v, score_kernel=None, *, block_size, keep_ratio, fus
                                                        match=match)
     assert fwd.out.dtype == qk.dtype
     torch.testing.assert_close(fwd.out.double(), expected, rtol=rtol, atol=rtol)
-    rho, lse, row_sum = row_statistics(qk64, mask, match, block_size=block_size, fuse=fuse, scale=scale)
+    rho, lse, log_row_sum = row_statistics(qk64, mask, match, block_size=block_size, fuse=fuse, scale=scale)
     # The statistics are kept in float32 below float64: compare at float32's tolerance or the input's.
     stat_rtol = max(rtol, OUTPUT_RTOL[torch.float32])
-    for name, got, want in [("rho", fwd.rho, rho), ("lse", fwd.lse, lse), ("row_sum", fwd.row_sum, row_sum)]:
+    stats = [("rho", fwd.rho, rho), ("lse", fwd.lse, lse), ("log_row_sum", fwd.log_row_sum, log_row_sum)]
+    for name, got, want in stats:
         _assert_close(got, want, stat_rtol, name)
     return fwd
 

@@ -23,7 +23,7 @@ class Forward(NamedTuple):
     match: torch.Tensor
     rho: torch.Tensor
     lse: torch.Tensor
-    row_sum: torch.Tensor
+    log_row_sum: torch.Tensor
 
 
 def garbage(shape, dtype) -> torch.Tensor:

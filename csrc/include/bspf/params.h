@@ -27,14 +27,15 @@ struct Problem {
 // Saved by the forward for the backward, all contiguous, indexed by (b·H + h):
 //   mask_words (B, H, N, C): bit j of word (i, c) is M(i, c·Ω + j).
 //   match      (B, H, N) int32: b(i), a global token index; i itself when i is alone.
-//   rho, lse, row_sum (B, H, N) in the accumulation type (double for float64
-//   inputs, float otherwise): ρ_i, the log-sum-exp of logit row i, and Z_i.
+//   rho, lse, log_row_sum (B, H, N) in the accumulation type (double for float64
+//   inputs, float otherwise): ρ_i, the log-sum-exp of logit row i, and log Z_i (the
+//   log of row i's sum of R = P ⊙ M + F: Z_i itself may underflow, log Z_i does not).
 struct Saved {
   uint64_t* mask_words = nullptr;
   int32_t* match = nullptr;
   void* rho = nullptr;
   void* lse = nullptr;
-  void* row_sum = nullptr;
+  void* log_row_sum = nullptr;
 };
 
 struct ForwardParams {
