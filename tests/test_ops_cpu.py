@@ -27,6 +27,25 @@ def test_forward_long_sequence(dtype):
     assert_close_to_reference(qk, v, block_size=32, keep_ratio=0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_and_backward_at_n_4096(dtype):
+    # The longest sequence docs/design.md gives memory figures for: outputs and gradients
+    # against the reference (its float64 autograd at this N needs about 2 GB).
+    qk, v = random_inputs(1, 1, 4096, 16, 8, dtype=dtype, seed=4)
+    assert_close_to_reference(qk, v, block_size=16, keep_ratio=0.5)
+    grad = torch.randn(1, 1, 4096, 8, dtype=torch.float64).to(dtype)
+    a, b = qk.clone().requires_grad_(), v.clone().requires_grad_()
+    got = torch.autograd.grad(bspf_ext.block_symmetric_attention(a, b, block_size=16), (a, b), grad)
+    mask = bspf_ext.block_mask(qk, block_size=16)
+    match = torch.ops.bspf_ext.forward(qk, v, reference.box_kernel(dtype), 16, 0.5, True, 16**-0.5)[2].long()
+    a64, b64 = qk.double().requires_grad_(), v.double().requires_grad_()
+    out64 = reference.block_symmetric_attention(a64, b64, block_size=16, mask=mask, match=match)
+    expected = torch.autograd.grad(out64, (a64, b64), grad.double())
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=rtol, atol=rtol * max(e.abs().max().item(), 1.0))
+
+
 @pytest.mark.parametrize("keep_ratio", [0.0, 0.25, 1.0])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_forward_keep_ratios_and_fuse(keep_ratio, fuse):
