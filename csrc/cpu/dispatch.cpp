@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bspf/cpu.h"
+#include "bspf/validate.h"
 #include "kernels.h"
 #include "parallel.h"
 
@@ -129,6 +130,7 @@ const char* capability() {
 }
 
 void mask(const ForwardParams& params) {
+  validate(params, Entry::kMask);
 #if defined(BSPF_HAVE_AVX2)
   if (use_avx2(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
@@ -141,6 +143,7 @@ void mask(const ForwardParams& params) {
 }
 
 void forward(const ForwardParams& params) {
+  validate(params, Entry::kForward);
 #if defined(BSPF_HAVE_AVX2)
   if (use_avx2(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
@@ -157,6 +160,7 @@ void forward(const ForwardParams& params) {
 }
 
 void backward(const BackwardParams& params) {
+  validate(params);
 #if defined(BSPF_HAVE_AVX2)
   if (use_avx2(params.p.dtype))
     return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {

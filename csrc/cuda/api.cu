@@ -8,6 +8,7 @@
 #include <string>
 
 #include "bspf/cuda.h"
+#include "bspf/validate.h"
 #include "launch.h"
 
 namespace bspf::cuda {
@@ -105,52 +106,29 @@ size_t prepare(Op op, const Problem& p, int32_t device) {
   return limit;
 }
 
-void check_problem(const Problem& p) {
-  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat64 && p.dtype != DType::kFloat16 &&
-      p.dtype != DType::kBFloat16)
-    throw std::invalid_argument("bspf CUDA kernels support float32, float64, float16 and bfloat16 only");
-  if (p.block_size < 1 || p.block_size > 64)
-    throw std::invalid_argument("block_size must be in [1, 64], got " + std::to_string(p.block_size));
-  if (p.batch < 0 || p.heads < 0 || p.seqlen < 0 || p.head_dim < 1 || p.value_dim < 0)
-    throw std::invalid_argument("bspf CUDA kernels: invalid problem sizes");
-}
-
-bool empty(const Problem& p) { return p.batch == 0 || p.heads == 0 || p.seqlen == 0; }
-
 void require(const void* pointer, const char* name) {
   if (pointer == nullptr) throw std::invalid_argument(std::string("bspf CUDA kernels: ") + name + " is null");
-}
-
-// Every buffer the forward saves for the backward.
-void require_saved(const Saved& saved) {
-  require(saved.mask_words, "mask_words");
-  require(saved.match, "match");
-  require(saved.rho, "rho");
-  require(saved.lse, "lse");
-  require(saved.log_row_sum, "log_row_sum");
 }
 
 }  // namespace
 
 int64_t shared_bytes(DType dtype, int32_t block_size, int64_t seqlen) {
   const Problem p = sized(dtype, block_size, seqlen);
+  validate(p);
   return static_cast<int64_t>(std::max(op_shared_bytes(Op::kForward, p, kReferenceSmemLimit),
                                        op_shared_bytes(Op::kBackward, p, kReferenceSmemLimit)));
 }
 
 int64_t max_seqlen(DType dtype, int32_t block_size, int32_t device) {
-  if (block_size < 1 || block_size > 64) throw std::invalid_argument("block_size must be in [1, 64]");
-  const size_t limit = device_smem_limit(device);
   const Problem p = sized(dtype, block_size, 0);
+  validate(p);
+  const size_t limit = device_smem_limit(device);
   return std::min(op_max_seqlen(Op::kForward, p, limit), op_max_seqlen(Op::kBackward, p, limit));
 }
 
 void mask(const ForwardParams& params, int32_t device, std::uintptr_t stream) {
-  check_problem(params.p);
-  if (empty(params.p)) return;
-  require(params.qk, "qk");
-  require(params.score_kernel, "score_kernel");
-  require(params.saved.mask_words, "mask_words");
+  validate(params, Entry::kMask);
+  if (is_empty(params.p)) return;
   const size_t limit = prepare(Op::kForward, params.p, device);
   by_dtype(params.p.dtype, [&](auto tag) {
     launch_mask<decltype(tag)>(params, limit, reinterpret_cast<cudaStream_t>(stream));
@@ -158,13 +136,8 @@ void mask(const ForwardParams& params, int32_t device, std::uintptr_t stream) {
 }
 
 void forward(const ForwardParams& params, int32_t device, std::uintptr_t stream) {
-  check_problem(params.p);
-  if (empty(params.p)) return;
-  require(params.qk, "qk");
-  if (params.p.value_dim > 0) require(params.v, "v");
-  require(params.score_kernel, "score_kernel");
-  require_saved(params.saved);
-  if (params.p.value_dim > 0) require(params.out, "out");
+  validate(params, Entry::kForward);
+  if (is_empty(params.p)) return;
   const size_t limit = prepare(Op::kForward, params.p, device);
   by_dtype(params.p.dtype, [&](auto tag) {
     launch_forward<decltype(tag)>(params, limit, reinterpret_cast<cudaStream_t>(stream));
@@ -173,19 +146,12 @@ void forward(const ForwardParams& params, int32_t device, std::uintptr_t stream)
 
 void backward(const BackwardParams& params, const BackwardWorkspace& workspace, int32_t device,
               std::uintptr_t stream) {
-  check_problem(params.p);
-  if (empty(params.p)) return;
-  require(params.qk, "qk");
-  require_saved(params.saved);
-  require(params.grad_qk, "grad_qk");
-  require(workspace.row_stats, "row_stats");
-  require(workspace.grad_qk_acc, "grad_qk_acc");
-  if (params.p.value_dim > 0) {
-    require(params.grad_out, "grad_out");
-    require(params.v, "v");
-    require(params.grad_v, "grad_v");
-    require(workspace.grad_v_acc, "grad_v_acc");
-  }
+  validate(params);
+  if (is_empty(params.p)) return;
+  // The workspace is this backend's own (bspf/cuda.h).
+  require(workspace.row_stats, "workspace.row_stats");
+  require(workspace.grad_qk_acc, "workspace.grad_qk_acc");
+  if (params.p.value_dim > 0) require(workspace.grad_v_acc, "workspace.grad_v_acc");
   const size_t limit = prepare(Op::kBackward, params.p, device);
   by_dtype(params.p.dtype, [&](auto tag) {
     launch_backward<decltype(tag)>(params, workspace, limit, reinterpret_cast<cudaStream_t>(stream));
