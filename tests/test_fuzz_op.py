@@ -127,8 +127,8 @@ def check_draw(p, *, gradients=True):
 def gradient_slack(p, qk, v, grad, scale):
     """What one rounding of the logits in qk's dtype moves the gradients by, at most.
 
-    The kernels round each logit once (ε = eps·max|L| relative on exp(L - lse)), and the
-    backward recomputes them (the AVX2 path in another summation order than its forward).
+    The kernels round each logit (ε ≤ γ_D·|scale|·max‖qk_i‖² relative on exp(L - lse)), and
+    the backward recomputes them (the AVX2 path in another summation order than its forward).
     Through dS = P ⊙ (dP - δ) that moves grad_qk by up to 2·|scale|·ε·max|g|·max|v|·max|qk|
     and grad_v, a column sum of P ⊙ g, by up to N·ε·max|g|. Negligible at ordinary logits
     (ε ~ 1e-6 in float32, 1e-13 in float64); at logits in the thousands it is all float32
@@ -136,7 +136,9 @@ def gradient_slack(p, qk, v, grad, scale):
     """
     if qk.numel() == 0:
         return 0.0, 0.0
-    eps = conditioned_rtol(qk, scale)
+    # The standard bound on a D-term dot product's rounding: γ_D = D·eps of Σ|q_k·q_k|.
+    norm2 = qk.double().pow(2).sum(-1).max().item()
+    eps = (p["d"] + 1) * torch.finfo(qk.dtype).eps * abs(scale) * norm2
     g, vv, q = grad.abs().max().item(), v.abs().max().item(), qk.abs().max().item()
     return 2 * abs(scale) * eps * g * vv * q, p["n"] * eps * g
 
