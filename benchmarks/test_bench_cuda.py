@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 import bspf_ext
-from bspf_ext import _backends, reference
-from bspf_ext.benchmark import time_call
+from bspf_ext import reference
+from bspf_ext.ops import backends as _backends
+from bspf_ext.app.bench import time_call
 
 pytestmark = [
     pytest.mark.cuda,

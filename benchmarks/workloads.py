@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import bspf_ext
 from bspf_ext import reference
-from bspf_ext.benchmark import interleaved_medians, time_call  # noqa: F401  (the suites' timing)
+from bspf_ext.app.bench import interleaved_medians, time_call  # noqa: F401  (the suites' timing)
 
 TARGET_SHAPE = (8, 6, 197, 64)  # DeiT-S attention: (B, H, N, D)
 SHAPES = [(1, 6, 197, 64), TARGET_SHAPE, (64, 6, 197, 64), (4, 12, 577, 64)]

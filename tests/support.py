@@ -6,7 +6,7 @@ import torch
 
 import bspf_ext  # noqa: F401  (registers the ops)
 from bspf_ext import reference
-from bspf_ext._ops import unpack_mask_words
+from bspf_ext.ops.library import unpack_mask_words
 
 # Relative near-tie window for float32 scores and cosines: far above float32 rounding of
 # a dot product of a few hundred terms, far below the gaps between random scores.
@@ -25,7 +25,7 @@ def kernel_choices(qk, v, score_kernel, *, block_size, keep_ratio, fuse=True, sc
     """The kernel's output with its own discrete choices: (out, mask (B,H,N,N) bool, match)."""
     scale = qk.shape[-1] ** -0.5 if scale is None else scale
     if score_kernel is None:
-        score_kernel = reference.box_kernel(qk.dtype, qk.device)
+        score_kernel = reference.box_score_kernel(qk.dtype, qk.device)
     out, words, match, *_ = torch.ops.bspf_ext.forward(qk, v, score_kernel, block_size, keep_ratio, fuse, scale)
     return out, unpack_mask_words(words, qk.shape[-2], block_size), match.long()
 

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 import bspf_ext
-from bspf_ext import BlockSymmetricAttention, data, models, patch, pruning
+from bspf_ext import BlockSymmetricAttention, models, pruning, swap
+from bspf_ext.app import data
 from bspf_ext.nn import ChunkAttention, DenseAttention
-from bspf_ext.training import TrainConfig
+from bspf_ext.app.config import TrainConfig
 
 QK = torch.randn(1, 2, 10, 4)
 V = torch.randn(1, 2, 10, 3)
@@ -128,14 +129,14 @@ BAD_INPUTS = [
         ValueError, "unexpected keys ['extra']"),
     row("qk_init", lambda: models.load_timm_state_dict(vit(), dense_state(), qk_init="average"), ValueError, "one of"),
     row("skip_head", lambda: models.load_timm_state_dict(vit(), dense_state(), skip_head="yes"), TypeError, "bool"),
-    row("model", lambda: patch.timm("vit_base"), TypeError, "nn.Module"),
-    row("layers", lambda: patch.timm(nn.Linear(2, 2), layers="0"), TypeError, "sequence"),
-    row("qk_init", lambda: patch.timm(nn.Linear(2, 2), qk_init="svd"), ValueError, "one of"),
-    row("keep_ratio", lambda: patch.timm(nn.Linear(2, 2), keep_ratio=3), ValueError, "float in [0, 1]"),
-    row("blocksize", lambda: patch.timm(nn.Linear(2, 2), blocksize=8), TypeError, "unknown"),
-    row("layers", lambda: patch.swap_attention(models.vit_tiny(**SMALL_VIT), (DenseAttention,), layers=[3]),
+    row("model", lambda: swap.timm("vit_base"), TypeError, "nn.Module"),
+    row("layers", lambda: swap.timm(nn.Linear(2, 2), layers="0"), TypeError, "sequence"),
+    row("qk_init", lambda: swap.timm(nn.Linear(2, 2), qk_init="svd"), ValueError, "one of"),
+    row("keep_ratio", lambda: swap.timm(nn.Linear(2, 2), keep_ratio=3), ValueError, "float in [0, 1]"),
+    row("blocksize", lambda: swap.timm(nn.Linear(2, 2), blocksize=8), TypeError, "unknown"),
+    row("layers", lambda: swap.swap_attention(models.vit_tiny(**SMALL_VIT), (DenseAttention,), layers=[3]),
         ValueError, "index the model's 1 attention modules"),
-    row("attention_types", lambda: patch.swap_attention(vit(), DenseAttention), TypeError, "tuple of classes"),
+    row("attention_types", lambda: swap.swap_attention(vit(), DenseAttention), TypeError, "tuple of classes"),
     # ---- pruning
     row("keep_ratio", lambda: pruning.similarity_prune(TOKENS, 1.5), ValueError, "float in [0, 1]"),
     row("tokens", lambda: pruning.similarity_prune(TOKENS[0], 0.5), ValueError, "(B, N, C)"),

@@ -1,7 +1,7 @@
 """A training run killed with SIGKILL while it writes a checkpoint resumes to exactly the
 state an uninterrupted run ends in.
 
-How the kill lands mid-write deterministically: bspf_ext.training has a test hook,
+How the kill lands mid-write deterministically: bspf_ext.app.checkpoints has a test hook,
 BSPF_TEST_STALL_CHECKPOINT="<epoch>:<marker file>". When the run writes that epoch's
 checkpoint it puts half of the bytes into the temporary file (flushed and fsync'ed), creates
 the marker file and sleeps. The test waits for the marker, sends SIGKILL, and so kills the
@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from bspf_ext import training
+from bspf_ext.app.checkpoints import STALL_CHECKPOINT_ENV, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
@@ -78,15 +78,15 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_identical(tmp_pa
     whole, cut, marker = tmp_path / "whole", tmp_path / "cut", tmp_path / "stalled"
     _run(_command(whole), _env())
 
-    _kill_while_writing(_command(cut), _env(**{training.STALL_CHECKPOINT_ENV: f"2:{marker}"}), marker)
+    _kill_while_writing(_command(cut), _env(**{STALL_CHECKPOINT_ENV: f"2:{marker}"}), marker)
     # Killed inside the write of epoch 2: epoch 1's checkpoint is whole, epoch 2's is torn.
-    assert training.load_checkpoint(cut)["epoch"] == 1
+    assert load_checkpoint(cut)["epoch"] == 1
     torn = cut / "checkpoint.pt.tmp"
     assert 0 < torn.stat().st_size
     with pytest.raises(ValueError, match="unreadable"):
-        training.load_checkpoint(torn)
+        load_checkpoint(torn)
 
     resumed = _run(_command(cut, "--resume"), _env())
     assert "resuming bspf from epoch 1" in resumed.stdout
-    _assert_same_state(training.load_checkpoint(whole), training.load_checkpoint(cut))
+    _assert_same_state(load_checkpoint(whole), load_checkpoint(cut))
     assert not torn.exists()  # the resumed run's write replaced the torn file

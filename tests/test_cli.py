@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bspf_ext.cli import main
+from bspf_ext.app.cli import main
 
 TINY = ["--dataset", "digit-pairs", "--image-size", "16", "--patch-size", "4", "--train-size", "64",
         "--test-size", "32", "--block-size", "4", "--batch-size", "32", "--device", "cpu", "--epochs", "1"]

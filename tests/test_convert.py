@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bspf_ext import models, patch
+from bspf_ext import models, swap
 from bspf_ext.models import convert
 from bspf_ext.nn import BlockSymmetricAttention, DenseAttention
 
@@ -108,7 +108,7 @@ def test_attention_from_dense_and_swap_attention():
     dense = _dense_tied()
     images = _images()
     expected = dense(images)
-    replaced = patch.swap_attention(dense, (DenseAttention,), layers=[1], keep_ratio=1.0, block_size=4)
+    replaced = swap.swap_attention(dense, (DenseAttention,), layers=[1], keep_ratio=1.0, block_size=4)
     assert replaced == ["blocks.1.attn"]
     assert isinstance(dense.blocks[1].attn, BlockSymmetricAttention) and isinstance(dense.blocks[0].attn, DenseAttention)
     assert dense.blocks[1].attn.qk.weight.dtype == torch.float64
@@ -166,7 +166,7 @@ def test_patch_timm_needs_timm():
         import timm  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="timm"):
-            patch.timm(torch.nn.Linear(2, 2))
+            swap.timm(torch.nn.Linear(2, 2))
     else:
         pytest.skip("timm is installed: covered by the timm tests")
 
@@ -194,7 +194,7 @@ def test_patch_timm_swaps_in_place():
     model.load_state_dict(_tie_q_and_k(model.state_dict()))
     images = _images()
     expected = model(images)
-    assert patch.timm(model, keep_ratio=1.0, block_size=4) is model
+    assert swap.timm(model, keep_ratio=1.0, block_size=4) is model
     assert all(isinstance(block.attn, BlockSymmetricAttention) for block in model.blocks)
     torch.testing.assert_close(model(images), expected, rtol=1e-9, atol=1e-9)
 

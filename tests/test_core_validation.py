@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from bspf_ext import _C, _params, reference
-from bspf_ext._ops import allocate_forward
+from bspf_ext import _C, reference
+from bspf_ext.ops import params as _params
+from bspf_ext.ops.library import allocate_forward
 
 B, H, N, D, DV, BLOCK = 1, 2, 20, 4, 3, 8
 
@@ -21,7 +22,7 @@ def tensors():
     qk = torch.randn(B, H, N, D, generator=generator)
     v = torch.randn(B, H, N, DV, generator=generator)
     outputs = allocate_forward(qk, v, BLOCK)
-    kernel = _params.kernel_buffer(reference.box_kernel(qk.dtype), qk.dtype)
+    kernel = _params.score_kernel_buffer(reference.box_score_kernel(qk.dtype), qk.dtype)
     return dict(qk=qk, v=v, outputs=outputs, kernel=kernel, grad_qk=torch.empty_like(qk), grad_v=torch.empty_like(v))
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import bspf_ext
 from bspf_ext import reference
-from bspf_ext._ops import unpack_mask_words
+from bspf_ext.ops.library import unpack_mask_words
 from support import OUTPUT_RTOL, assert_mask_near_float64, assert_match_near_float64, random_inputs
 
 
@@ -55,7 +55,7 @@ def _inputs(b, h, n, d, dv=None, *, seed=0, dtype=torch.float32):
 def _forward(qk, v, *, block_size, keep_ratio, fuse=True, scale=None, kernel=None):
     """The op's outputs: (out, mask (B,H,N,N) bool, match int64, saved buffers)."""
     scale = qk.shape[-1] ** -0.5 if scale is None else scale
-    kernel = reference.box_kernel(qk.dtype) if kernel is None else kernel
+    kernel = reference.box_score_kernel(qk.dtype) if kernel is None else kernel
     out, words, match, rho, lse, log_row_sum = torch.ops.bspf_ext.forward(
         qk, v, kernel, block_size, keep_ratio, fuse, scale
     )

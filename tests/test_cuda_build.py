@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import bspf_ext
-from bspf_ext import _backends, _build_info
+from bspf_ext import _build_info
+from bspf_ext.ops import backends as _backends
 
 
 def nvcc_present() -> bool:
@@ -85,7 +86,7 @@ def test_bad_arguments_raise_value_error():
 def test_cuda_tensor_without_cuda_build_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_backends, "has_cuda_build", lambda: False)
     with pytest.raises(RuntimeError, match="built without CUDA support"):
-        _backends.require_cuda(torch.empty(0))
+        _backends.require_cuda()
 
 
 # ------------------------------------------------------------- driver compatibility
@@ -146,10 +147,10 @@ def test_no_driver_leaves_the_no_gpu_error_to_the_kernels():
 def test_cuda_call_on_an_older_driver_raises_with_both_versions(fake_versions):
     fake_versions(12040, 13000)
     with pytest.raises(RuntimeError, match=r"built with CUDA 13\.0.*supports CUDA 12\.4"):
-        _backends.require_cuda(torch.empty(0))
+        _backends.require_cuda()
     # The ops' CUDA kernels check too (torch.ops.bspf_ext.* bypasses require_cuda); the
     # check comes first, so placeholder arguments never reach the kernels.
-    from bspf_ext import _cuda_ops
+    from bspf_ext.ops import cuda as _cuda_ops
 
     with pytest.raises(RuntimeError, match="insufficient driver"):
         _cuda_ops._forward_cuda(None, None, None, 16, 0.5, True, 1.0)
@@ -163,7 +164,7 @@ def test_cuda_call_on_an_older_driver_raises_with_both_versions(fake_versions):
 @pytest.mark.parametrize("driver", [0, 13000, 13020])
 def test_cuda_call_on_a_sufficient_or_absent_driver_passes_the_check(fake_versions, driver):
     fake_versions(driver, 13000)
-    _backends.require_cuda(torch.empty(0))
+    _backends.require_cuda()
 
 
 @pytest.mark.skipif(not _build_info.CUDA_BUILT, reason="built without CUDA")

@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bspf_ext import _params, reference
+from bspf_ext import reference
+from bspf_ext.ops import params as _params
+from bspf_ext.ops.geometry import DTYPE_NAMES
 from cuda_emulation import ops
 from cuda_emulation.checks import check_backward, check_forward
 from cuda_emulation.module import emulated_cuda  # noqa: F401  (fixture)
@@ -242,7 +244,7 @@ def test_bad_params_raise_value_error(emulated_cuda):
     qk, v = inputs(1, 1, 20, 4, dtype=torch.float32)
     fwd = ops.forward(emulated_cuda, qk, v, block_size=16, keep_ratio=0.5)
     saved = _params.saved(emulated_cuda, *fwd[1:])
-    kernel = _params.kernel_buffer(reference.box_kernel(qk.dtype), qk.dtype)
+    kernel = _params.score_kernel_buffer(reference.box_score_kernel(qk.dtype), qk.dtype)
     cases = [
         (dict(block_size=0), "block_size"),
         (dict(block_size=65), "block_size"),
@@ -271,7 +273,7 @@ def test_cuda_errors_raise_runtime_error(emulated_cuda):
     # The emulated machine has one GPU: device 1 fails in the runtime, not in a check of ours.
     qk, v = inputs(1, 1, 20, 4, dtype=torch.float32)
     fwd = ops.forward(emulated_cuda, qk, v, block_size=16, keep_ratio=0.5)
-    kernel = _params.kernel_buffer(reference.box_kernel(qk.dtype), qk.dtype)
+    kernel = _params.score_kernel_buffer(reference.box_score_kernel(qk.dtype), qk.dtype)
     params = _params_for(emulated_cuda, qk, v, fwd.out, _params.saved(emulated_cuda, *fwd[1:]), kernel)
     with pytest.raises(RuntimeError, match="invalid device ordinal"):
         emulated_cuda.forward(params, 1, 0)
@@ -283,7 +285,7 @@ def test_cuda_errors_raise_runtime_error(emulated_cuda):
 def test_too_long_sequence_is_rejected_with_the_limit(emulated_cuda, dtype):
     # max_seqlen is the smallest of the ops' limits (for head dims of 64): one N past it,
     # the op that binds raises ValueError naming the limit; the other may run.
-    limit = emulated_cuda.max_seqlen(getattr(emulated_cuda.DType, _params._DTYPE_NAMES[dtype]), 64, 0)
+    limit = emulated_cuda.max_seqlen(getattr(emulated_cuda.DType, DTYPE_NAMES[dtype]), 64, 0)
     assert limit >= 256
     qk, v = inputs(1, 1, limit + 1, 64, dtype=dtype)
     with pytest.raises(ValueError) as failure:

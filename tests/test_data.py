@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bspf_ext import data
+from bspf_ext.app import data
 
 
 def test_digits_shapes_and_determinism():

@@ -57,7 +57,7 @@ def conditioned_rtol(qk) -> float:
 @pytest.mark.parametrize("fuse", [True, False])
 def test_reference_equals_spec_in_exact_arithmetic(max_logit, fuse):
     qk, v = extreme_inputs(1, 1, 13, 3, max_logit=max_logit, seed=1)
-    w = reference.box_kernel(torch.float64)
+    w = reference.box_score_kernel(torch.float64)
     expected, mask, _ = naive_bspf(qk[0, 0], v[0, 0], w, 4, 0.5, fuse, exact=True)
     if max_logit == LOGITS[-1]:
         assert underflowing_rows(qk, mask) > 0, "the inputs lack the hard case"

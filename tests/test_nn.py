@@ -86,7 +86,7 @@ def test_layer_matches_reference_operator(options):
 
 
 def test_score_kernels():
-    torch.testing.assert_close(score_kernel_from_theta(torch.zeros(3, 3)), reference.box_kernel())
+    torch.testing.assert_close(score_kernel_from_theta(torch.zeros(3, 3)), reference.box_score_kernel())
     w = score_kernel_from_theta(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))
     assert (w > 0).all()
     torch.testing.assert_close(w.sum(), torch.tensor(1.0))

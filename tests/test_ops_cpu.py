@@ -37,7 +37,7 @@ def test_forward_and_backward_at_n_4096(dtype):
     a, b = qk.clone().requires_grad_(), v.clone().requires_grad_()
     got = torch.autograd.grad(bspf_ext.block_symmetric_attention(a, b, block_size=16), (a, b), grad)
     mask = bspf_ext.block_mask(qk, block_size=16)
-    match = torch.ops.bspf_ext.forward(qk, v, reference.box_kernel(dtype), 16, 0.5, True, 16**-0.5)[2].long()
+    match = torch.ops.bspf_ext.forward(qk, v, reference.box_score_kernel(dtype), 16, 0.5, True, 16**-0.5)[2].long()
     a64, b64 = qk.double().requires_grad_(), v.double().requires_grad_()
     out64 = reference.block_symmetric_attention(a64, b64, block_size=16, mask=mask, match=match)
     expected = torch.autograd.grad(out64, (a64, b64), grad.double())
@@ -98,7 +98,7 @@ def test_gradcheck(n, block_size, fuse):
 
 def test_score_kernel_gradient_is_zero():
     qk, v = random_inputs(1, 1, 20, 4)
-    w = reference.box_kernel(torch.float64).requires_grad_()
+    w = reference.box_score_kernel(torch.float64).requires_grad_()
     bspf_ext.block_symmetric_attention(qk, v, w, block_size=4).sum().backward()
     assert torch.equal(w.grad, torch.zeros(3, 3, dtype=torch.float64))
 
@@ -106,7 +106,7 @@ def test_score_kernel_gradient_is_zero():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_opcheck(dtype):
     qk, v = random_inputs(2, 2, 21, 8, 4, dtype=dtype)
-    kernel = reference.box_kernel(dtype)
+    kernel = reference.box_score_kernel(dtype)
     args = (qk.requires_grad_(), v.requires_grad_(), kernel, 8, 0.5, True, 0.3)
     torch.library.opcheck(torch.ops.bspf_ext.forward.default, args)
     torch.library.opcheck(torch.ops.bspf_ext.block_mask.default, (qk.detach(), kernel, 8, 0.5, 0.3))

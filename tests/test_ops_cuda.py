@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import bspf_ext
-from bspf_ext import _backends, reference
+from bspf_ext import reference
+from bspf_ext.ops import backends as _backends
 from support import assert_close_to_reference, kernel_choices, random_inputs
 
 pytestmark = [
@@ -145,7 +146,7 @@ def test_gradcheck(n, block_size, fuse):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_opcheck(dtype):
     qk, v = cuda_inputs(2, 2, 21, 8, 4, dtype=dtype)
-    kernel = reference.box_kernel(dtype, "cuda")
+    kernel = reference.box_score_kernel(dtype, "cuda")
     args = (qk.requires_grad_(), v.requires_grad_(), kernel, 8, 0.5, True, 0.3)
     torch.library.opcheck(torch.ops.bspf_ext.forward.default, args)
     torch.library.opcheck(torch.ops.bspf_ext.block_mask.default, (qk.detach(), kernel, 8, 0.5, 0.3))
@@ -199,7 +200,7 @@ def test_second_device():
 
 def test_cuda_graph_capture():
     qk, v = cuda_inputs(2, 3, 197, 16, dtype=torch.float32)
-    kernel = reference.box_kernel(torch.float32, "cuda")
+    kernel = reference.box_score_kernel(torch.float32, "cuda")
     static_qk, static_v, static_grad = qk.clone(), v.clone(), torch.randn_like(v)
 
     def step():

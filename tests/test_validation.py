@@ -12,7 +12,7 @@ def test_cuda_tensor_gives_a_clear_error_without_gpu():
     if bspf_ext.has_cuda_build():
         pytest.skip("the CUDA module is built; CUDA tensors cannot be made without a GPU")
     # A CUDA tensor cannot be created here; the backend check is what a CUDA tensor reaches.
-    from bspf_ext import _backends
+    from bspf_ext.ops import backends as _backends
 
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        _backends.require_cuda(torch.empty(0))
+        _backends.require_cuda()

@@ -1,4 +1,4 @@
-// The CUDA versions the driver check in bspf_ext._backends compares. Kept to these two
+// The CUDA versions the driver check in bspf_ext.ops.backends compares. Kept to these two
 // runtime calls: neither needs a GPU or creates a context, and with no driver installed
 // cudaDriverGetVersion succeeds and reports 0.
 #include <cuda_runtime.h>

@@ -14,17 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._ops import block_mask, block_symmetric_attention
-from ._validation import (
-    check_block_size,
-    check_bool,
-    check_choice,
-    check_float,
-    check_fuse,
-    check_int,
-    check_keep_ratio,
-    check_tokens,
-)
+from ._checks import check_bool, check_choice, check_float, check_int, check_tokens
+from .ops import block_mask, block_symmetric_attention
+from .ops.geometry import box_score_kernel, cpu_compute_dtype, num_chunks
+from .ops.validation import check_block_size, check_fuse, check_keep_ratio
 
 __all__ = ["BlockSymmetricAttention", "DenseAttention", "ChunkAttention", "score_kernel_from_theta", "SCORINGS"]
 
@@ -139,7 +132,7 @@ class ChunkAttention(DenseAttention):
             raise ValueError("attn_mask and is_causal are not supported by ChunkAttention; leave them unset")
         b, h, n, d = q.shape
         omega = self.block_size
-        chunks = -(-n // omega)
+        chunks = num_chunks(n, omega)
         pad = chunks * omega - n
 
         def split(t: Tensor) -> Tensor:
@@ -231,7 +224,7 @@ class BlockSymmetricAttention(nn.Module):
         if self.scoring == "learned":
             return score_kernel_from_theta(self.theta.float()).to(dtype)
         if self.scoring == "box":
-            return torch.full((3, 3), 1.0 / 9.0, dtype=dtype, device=device)
+            return box_score_kernel(dtype, device)
         center = torch.zeros(3, 3, dtype=dtype, device=device)
         center[1, 1] = 1.0
         return center
@@ -249,8 +242,8 @@ class BlockSymmetricAttention(nn.Module):
         """The keep mask this layer chooses for tokens x (B, N, C): (B, heads, N, N) bool."""
         self._check_input(x)
         qk = self.shared_qk(x)
-        if qk.device.type == "cpu" and qk.dtype not in (torch.float32, torch.float64):
-            qk = qk.float()
+        if qk.device.type == "cpu":
+            qk = qk.to(cpu_compute_dtype(qk.dtype))
         return block_mask(
             qk, self.score_kernel(qk.dtype, qk.device), block_size=self.block_size,
             keep_ratio=self.keep_ratio, scale=self.scale,
@@ -263,9 +256,7 @@ class BlockSymmetricAttention(nn.Module):
         qk = self.shared_qk(x)
         v = self.v(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         out_dtype = qk.dtype
-        compute_dtype = qk.dtype
-        if qk.device.type == "cpu" and compute_dtype not in (torch.float32, torch.float64):
-            compute_dtype = torch.float32  # the CPU kernels' narrowest type
+        compute_dtype = cpu_compute_dtype(qk.dtype) if qk.device.type == "cpu" else qk.dtype
         qk, v = qk.to(compute_dtype), v.to(compute_dtype)
         x = block_symmetric_attention(
             qk,

@@ -15,39 +15,24 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .ops.geometry import COSINE_EPS, MAX_BLOCK_SIZE, box_score_kernel, keep_count, num_chunks
+
 __all__ = [
     "block_symmetric_attention",
     "block_mask",
     "best_match",
     "block_scores",
-    "box_kernel",
+    "box_score_kernel",
     "keep_count",
 ]
-
-# cos(x, y) = x·y / max(‖x‖‖y‖, COS_EPS), SPEC §3.5.
-COS_EPS = 1e-8
-
-
-def box_kernel(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """The 3×3 box filter, the default score kernel (θ = 0 in SPEC §5)."""
-    return torch.full((3, 3), 1.0 / 9.0, dtype=dtype, device=device)
-
-
-def keep_count(keep_ratio: float, rows: int, cols: int) -> int:
-    """k = ceil(r·rows·cols − 1e-9): entries kept in an off-diagonal block (SPEC §3.3).
-
-    Evaluated in double precision in exactly this order by every implementation, so
-    all of them keep the same number of entries.
-    """
-    return max(0, math.ceil(keep_ratio * rows * cols - 1e-9))
 
 
 def _chunk_sizes(n: int, block_size: int, device) -> torch.Tensor:
     """|c| for every chunk c, as a 1-D int64 tensor."""
-    num_chunks = -(-n // block_size)
-    sizes = torch.full((num_chunks,), block_size, dtype=torch.int64, device=device)
-    if num_chunks:
-        sizes[-1] = n - (num_chunks - 1) * block_size
+    chunks = num_chunks(n, block_size)
+    sizes = torch.full((chunks,), block_size, dtype=torch.int64, device=device)
+    if chunks:
+        sizes[-1] = n - (chunks - 1) * block_size
     return sizes
 
 
@@ -63,14 +48,14 @@ def _block_scores(logits: torch.Tensor, score_kernel: torch.Tensor, block_size: 
     """S = conv3x3(L_mn, W) for every block (SPEC §3.2): (batch, C, C, Ω·Ω), row-major per block."""
     n = logits.shape[-1]
     omega = block_size
-    num_chunks = -(-n // omega)
-    padded = num_chunks * omega
+    chunks = num_chunks(n, omega)
+    padded = chunks * omega
     # The pad is outside every block, so zero logits there are exactly the conv's zero padding.
     lp = F.pad(logits, (0, padded - n, 0, padded - n))
-    blocks = lp.reshape(-1, num_chunks, omega, num_chunks, omega).transpose(2, 3)
+    blocks = lp.reshape(-1, chunks, omega, chunks, omega).transpose(2, 3)
     flat = blocks.reshape(-1, 1, omega, omega)
     weight = score_kernel.to(dtype=logits.dtype, device=logits.device).reshape(1, 1, 3, 3)
-    return F.conv2d(flat, weight, padding=1).reshape(-1, num_chunks, num_chunks, omega * omega)
+    return F.conv2d(flat, weight, padding=1).reshape(-1, chunks, chunks, omega * omega)
 
 
 @torch.no_grad()
@@ -80,8 +65,8 @@ def _keep_mask_from_logits(
     """SPEC §3.2–3.3: score upper blocks, keep each block's top k, mirror, full diagonal."""
     *batch, n, _ = logits.shape
     omega = block_size
-    num_chunks = -(-n // omega)
-    padded = num_chunks * omega
+    chunks = num_chunks(n, omega)
+    padded = chunks * omega
     device = logits.device
     scores = _block_scores(logits, score_kernel, block_size)
 
@@ -90,7 +75,7 @@ def _keep_mask_from_logits(
     local = torch.arange(omega, device=device)
     row_valid = local[None, :] < sizes[:, None]  # (C, Ω)
     entry_valid = (row_valid[:, None, :, None] & row_valid[None, :, None, :]).reshape(
-        num_chunks, num_chunks, omega * omega
+        chunks, chunks, omega * omega
     )
     # A stable descending sort keeps the smaller row-major index first among equal scores
     # (SPEC tie rule); row-major order over the padded block is the block's own order.
@@ -106,12 +91,12 @@ def _keep_mask_from_logits(
     )
     keep = (rank < k[:, :, None]) & entry_valid
 
-    chunk = torch.arange(num_chunks, device=device)
+    chunk = torch.arange(chunks, device=device)
     upper = chunk[:, None] < chunk[None, :]
     keep = keep & upper[:, :, None]
-    keep = keep.reshape(-1, num_chunks, num_chunks, omega, omega)
+    keep = keep.reshape(-1, chunks, chunks, omega, omega)
     keep = keep | keep.transpose(1, 2).transpose(-1, -2)  # mirror the upper blocks
-    keep = keep | torch.eye(num_chunks, dtype=torch.bool, device=device)[:, :, None, None]
+    keep = keep | torch.eye(chunks, dtype=torch.bool, device=device)[:, :, None, None]
     mask = keep.transpose(2, 3).reshape(-1, padded, padded)[:, :n, :n]
     return mask.reshape(*batch, n, n)
 
@@ -119,11 +104,11 @@ def _keep_mask_from_logits(
 def _cosine_within_chunks(qk: torch.Tensor, block_size: int) -> torch.Tensor:
     """cos(x_i, x_j) for every pair of tokens of the same chunk: (..., C, Ω, Ω), pad rows 0."""
     *batch, n, d = qk.shape
-    num_chunks = -(-n // block_size)
-    x = F.pad(qk, (0, 0, 0, num_chunks * block_size - n)).reshape(*batch, num_chunks, block_size, d)
+    chunks = num_chunks(n, block_size)
+    x = F.pad(qk, (0, 0, 0, chunks * block_size - n)).reshape(*batch, chunks, block_size, d)
     norms = torch.linalg.vector_norm(x, dim=-1)
     dots = x @ x.transpose(-1, -2)
-    return dots / (norms[..., :, None] * norms[..., None, :]).clamp_min(COS_EPS)
+    return dots / (norms[..., :, None] * norms[..., None, :]).clamp_min(COSINE_EPS)
 
 
 def _match_from_cosine(cos: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
@@ -132,7 +117,7 @@ def _match_from_cosine(cos: torch.Tensor, n: int, block_size: int) -> torch.Tens
     A token alone in its chunk is its own match (it then fuses nothing, since ρ is 0).
     Returns global token indices, (..., N) int64.
     """
-    *batch, num_chunks, omega, _ = cos.shape
+    *batch, chunks, omega, _ = cos.shape
     device = cos.device
     local = torch.arange(omega, device=device)
     sizes = _chunk_sizes(n, omega, device)
@@ -142,8 +127,8 @@ def _match_from_cosine(cos: torch.Tensor, n: int, block_size: int) -> torch.Tens
     best = scored.argmax(dim=-1)
     alone = (sizes == 1)[:, None]
     best = torch.where(alone, local[None, :], best)
-    best = best + (torch.arange(num_chunks, device=device) * omega)[:, None]
-    return best.reshape(*batch, num_chunks * omega)[..., :n]
+    best = best + (torch.arange(chunks, device=device) * omega)[:, None]
+    return best.reshape(*batch, chunks * omega)[..., :n]
 
 
 def _match_and_rho(qk: torch.Tensor, block_size: int, match: torch.Tensor | None = None):
@@ -153,10 +138,10 @@ def _match_and_rho(qk: torch.Tensor, block_size: int, match: torch.Tensor | None
     if match is None:
         with torch.no_grad():
             match = _match_from_cosine(cos, n, block_size)
-    num_chunks, omega = cos.shape[-3], cos.shape[-1]
+    chunks, omega = cos.shape[-3], cos.shape[-1]
     # Index the chunk-local cosine table at (i, b(i)).
     local_match = match % omega
-    cos_rows = cos.reshape(*cos.shape[:-3], num_chunks * omega, omega)[..., :n, :]
+    cos_rows = cos.reshape(*cos.shape[:-3], chunks * omega, omega)[..., :n, :]
     rho = cos_rows.gather(-1, local_match[..., None]).squeeze(-1).clamp_min(0)
     rho = torch.where(match == torch.arange(n, device=qk.device), torch.zeros_like(rho), rho)
     return match, rho
@@ -165,8 +150,8 @@ def _match_and_rho(qk: torch.Tensor, block_size: int, match: torch.Tensor | None
 def _check(qk: torch.Tensor, block_size: int, keep_ratio: float) -> None:
     if qk.dim() != 4:
         raise ValueError(f"qk must have shape (B, H, N, D), got {tuple(qk.shape)}")
-    if not isinstance(block_size, int) or not 1 <= block_size <= 64:
-        raise ValueError(f"block_size must be an int in [1, 64], got {block_size!r}")
+    if not isinstance(block_size, int) or not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be an int in [1, {MAX_BLOCK_SIZE}], got {block_size!r}")
     if not 0.0 <= keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio!r}")
 
@@ -182,7 +167,7 @@ def block_mask(
     """The boolean keep mask M, (B, H, N, N) (SPEC §3.1–3.3)."""
     _check(qk, block_size, keep_ratio)
     if score_kernel is None:
-        score_kernel = box_kernel(qk.dtype, qk.device)
+        score_kernel = box_score_kernel(qk.dtype, qk.device)
     with torch.no_grad():
         logits = _logits(qk, _resolve_scale(qk, scale))
         return _keep_mask_from_logits(logits, score_kernel, block_size, keep_ratio)
@@ -199,16 +184,16 @@ def block_scores(
     every upper block (m < n), NaN elsewhere. Tests use it for the near-tie rule (SPEC §6)."""
     _check(qk, block_size, 0.0)
     if score_kernel is None:
-        score_kernel = box_kernel(qk.dtype, qk.device)
+        score_kernel = box_score_kernel(qk.dtype, qk.device)
     *batch, n, _ = qk.shape
-    num_chunks = -(-n // block_size)
-    padded = num_chunks * block_size
+    chunks = num_chunks(n, block_size)
+    padded = chunks * block_size
     with torch.no_grad():
         scores = _block_scores(_logits(qk, _resolve_scale(qk, scale)), score_kernel, block_size)
-        chunk = torch.arange(num_chunks, device=qk.device)
+        chunk = torch.arange(chunks, device=qk.device)
         upper = chunk[:, None] < chunk[None, :]
         scores = scores.masked_fill(~upper[:, :, None], math.nan)
-        scores = scores.reshape(-1, num_chunks, num_chunks, block_size, block_size).transpose(2, 3)
+        scores = scores.reshape(-1, chunks, chunks, block_size, block_size).transpose(2, 3)
         return scores.reshape(-1, padded, padded)[:, :n, :n].reshape(*batch, n, n)
 
 
@@ -221,10 +206,10 @@ def best_match(qk: torch.Tensor, *, block_size: int = 16) -> torch.Tensor:
 def _pattern_similarity(mask: torch.Tensor, match: torch.Tensor, block_size: int) -> torch.Tensor:
     """H_{i,n(j)} expanded to (..., N, N): 1 − Hamming(M[i, chunk n], M[b(i), chunk n]) / |n|."""
     n = mask.shape[-1]
-    num_chunks = -(-n // block_size)
+    chunks = num_chunks(n, block_size)
     matched_rows = mask.gather(-2, match[..., None].expand_as(mask))
-    differ = F.pad((mask != matched_rows).to(torch.int64), (0, num_chunks * block_size - n))
-    hamming = differ.reshape(*mask.shape[:-1], num_chunks, block_size).sum(-1)
+    differ = F.pad((mask != matched_rows).to(torch.int64), (0, chunks * block_size - n))
+    hamming = differ.reshape(*mask.shape[:-1], chunks, block_size).sum(-1)
     sizes = _chunk_sizes(n, block_size, mask.device)
     similarity = 1.0 - hamming.to(torch.float64) / sizes
     column_chunk = torch.arange(n, device=mask.device) // block_size
@@ -251,7 +236,7 @@ def block_symmetric_attention(
     """
     _check(qk, block_size, keep_ratio)
     if score_kernel is None:
-        score_kernel = box_kernel(qk.dtype, qk.device)
+        score_kernel = box_score_kernel(qk.dtype, qk.device)
     n = qk.shape[-2]
     if n == 0 or qk.numel() == 0:
         return qk.new_zeros(*qk.shape[:-1], v.shape[-1]) + 0 * v.sum()

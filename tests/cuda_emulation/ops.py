@@ -9,8 +9,10 @@ from typing import NamedTuple
 
 import torch
 
-from bspf_ext import _params, reference
-from bspf_ext._ops import unpack_mask_words
+from bspf_ext import reference
+from bspf_ext.ops import params as _params
+from bspf_ext.ops.geometry import accumulation_dtype, num_chunks
+from bspf_ext.ops.library import unpack_mask_words
 
 __all__ = ["Forward", "forward", "backward", "mask_words", "block_mask", "forward_mask", "unpack_mask_words"]
 
@@ -37,13 +39,13 @@ def _scale(qk, scale):
 
 
 def _kernel(qk, score_kernel):
-    return _params.kernel_buffer(reference.box_kernel(qk.dtype) if score_kernel is None else score_kernel, qk.dtype)
+    return _params.score_kernel_buffer(reference.box_score_kernel(qk.dtype) if score_kernel is None else score_kernel, qk.dtype)
 
 
 def forward(cuda, qk, v, score_kernel=None, *, block_size, keep_ratio, fuse=True, scale=None) -> Forward:
     b, h, n, _ = qk.shape
-    acc = _params.accumulation_dtype(qk.dtype)
-    chunks = _params.num_chunks(n, block_size)
+    acc = accumulation_dtype(qk.dtype)
+    chunks = num_chunks(n, block_size)
     result = Forward(
         garbage((b, h, n, v.shape[-1]), qk.dtype),
         garbage((b, h, n, chunks), torch.int64),
@@ -60,7 +62,7 @@ def forward(cuda, qk, v, score_kernel=None, *, block_size, keep_ratio, fuse=True
 
 def backward(cuda, grad_out, qk, v, fwd: Forward, *, block_size, fuse=True, scale=None):
     """(grad_qk, grad_v) from the saved buffers of `fwd`."""
-    acc = _params.accumulation_dtype(qk.dtype)
+    acc = accumulation_dtype(qk.dtype)
     # The accumulators are zeroed by the caller (bspf/cuda.h); the rest is garbage.
     grad_qk_acc = torch.zeros(qk.shape, dtype=acc)
     grad_v_acc = torch.zeros(v.shape, dtype=acc)
@@ -82,7 +84,7 @@ def backward(cuda, grad_out, qk, v, fwd: Forward, *, block_size, fuse=True, scal
 def mask_words(cuda, qk, score_kernel=None, *, block_size, keep_ratio, scale=None) -> torch.Tensor:
     """The (B, H, N, C) words the emulated block-mask entry point writes."""
     b, h, n, _ = qk.shape
-    words = garbage((b, h, n, _params.num_chunks(n, block_size)), torch.int64)
+    words = garbage((b, h, n, num_chunks(n, block_size)), torch.int64)
     saved = cuda.Saved()
     saved.mask_words = words.data_ptr()
     kernel = _kernel(qk, score_kernel)  # a local: the params hold only its address

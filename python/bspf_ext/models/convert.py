@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_bool, check_choice, check_int
+from .._checks import check_bool, check_choice, check_int
 from ..nn import BlockSymmetricAttention
 from .vit import VisionTransformer
 

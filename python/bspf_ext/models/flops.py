@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
-from ..reference import keep_count
+from ..ops.geometry import keep_count
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = [

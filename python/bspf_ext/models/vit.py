@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_block_size, check_bool, check_choice, check_float, check_int, check_keep_ratio
+from .._checks import check_bool, check_choice, check_float, check_int
+from ..ops.validation import check_block_size, check_keep_ratio
 from ..nn import SCORINGS, BlockSymmetricAttention, ChunkAttention, DenseAttention
 
 __all__ = [

@@ -1,11 +1,12 @@
-"""Argument checks of the pruning methods: the package's generic checks (bspf_ext._validation)
+"""Argument checks of the pruning methods: the package's generic checks (bspf_ext._checks)
 under the names the pruning code uses, plus the (B, N) keep-mask check of its own."""
 
 from __future__ import annotations
 
 import torch
 
-from .._validation import _describe, check_bool, check_float, check_int, check_keep_ratio, check_tokens  # noqa: F401
+from .._checks import check_bool, check_float, check_int, check_tokens, describe  # noqa: F401
+from ..ops.validation import check_keep_ratio  # noqa: F401
 
 
 def check_nonnegative_float(name: str, value) -> float:

@@ -16,9 +16,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..reference import keep_count
+from ..ops.geometry import COSINE_EPS, CPU_DTYPES, keep_count
 from ._checks import (
-    _describe,
+    describe,
     check_bool,
     check_keep_ratio,
     check_nonnegative_float,
@@ -28,12 +28,9 @@ from ._checks import (
 )
 from .tokens import gather_tokens, kept_indices
 
-COSINE_EPS = 1e-8  # as torch.nn.functional.normalize: x / max(||x||, eps)
-
-
 def _working(patches: torch.Tensor) -> torch.Tensor:
     # Half-precision sums over hundreds of patches lose too much; score in float32 at least.
-    return patches if patches.dtype in (torch.float32, torch.float64) else patches.float()
+    return patches if patches.dtype in CPU_DTYPES else patches.float()
 
 
 def _unit(patches: torch.Tensor) -> torch.Tensor:
@@ -97,7 +94,7 @@ def _check_grid_size(grid_size, num_patches: int) -> Tuple[int, int]:
         or len(grid_size) != 2
         or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in grid_size)
     ):
-        raise TypeError(f"grid_size must be a pair of positive ints (rows, cols), got {_describe(grid_size)}")
+        raise TypeError(f"grid_size must be a pair of positive ints (rows, cols), got {describe(grid_size)}")
     if grid_size[0] * grid_size[1] != num_patches:
         raise ValueError(
             f"grid_size {tuple(grid_size)} has {grid_size[0] * grid_size[1]} cells but there are {num_patches} patches"
@@ -166,7 +163,7 @@ def _check_score_tokens(score_tokens, tokens: torch.Tensor) -> torch.Tensor:
 
 def _check_threshold(threshold) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
-        raise TypeError(f"threshold must be a finite float (a redundancy score in [-1, 1]), got {_describe(threshold)}")
+        raise TypeError(f"threshold must be a finite float (a redundancy score in [-1, 1]), got {describe(threshold)}")
     return float(threshold)
 
 
@@ -371,7 +368,7 @@ class SimilarityPrunedBlocks(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         if not isinstance(keep_ratios, dict):
-            raise TypeError(f"keep_ratios must be a dict {{block index: keep ratio}}, got {_describe(keep_ratios)}")
+            raise TypeError(f"keep_ratios must be a dict {{block index: keep ratio}}, got {describe(keep_ratios)}")
         self.has_class_token = check_bool("has_class_token", has_class_token)
         self.grid_size = grid_size
         stages = {}

@@ -10,7 +10,7 @@ from typing import Tuple
 
 import torch
 
-from .._validation import values_are_readable
+from .._checks import values_are_readable
 from ._checks import check_int, check_mask, check_tokens
 
 

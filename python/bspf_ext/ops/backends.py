@@ -7,10 +7,12 @@ import importlib
 
 import torch
 
+from .geometry import DTYPE_NAMES
+
 
 def cpu_capability() -> str:
     """The CPU path calls take now: 'avx2' or 'scalar'."""
-    from . import _C
+    from .. import _C
 
     return _C.capability()
 
@@ -24,25 +26,16 @@ def has_cuda_build() -> bool:
     return True
 
 
-def load_cuda_kernels() -> bool:
-    """Registers the CUDA kernels of the ops when the CUDA module was built; True if so."""
-    if not has_cuda_build():
-        return False
-    importlib.import_module("bspf_ext._cuda_ops")
-    return True
-
-
 def cuda_max_seqlen(dtype: torch.dtype, block_size: int, device=None) -> int:
     """The largest N the CUDA forward and backward both accept for this dtype and block
     size on `device`, at head dims of 64 (a strip's logits against every column live in
     shared memory, which bounds N; see docs/performance.md)."""
-    from . import _cuda
-    from ._params import _DTYPE_NAMES
+    from .. import _cuda
 
     index = torch.device(device if device is not None else "cuda").index
     if index is None:
         index = torch.cuda.current_device()
-    return _cuda.max_seqlen(getattr(_cuda.DType, _DTYPE_NAMES[dtype]), block_size, index)
+    return _cuda.max_seqlen(getattr(_cuda.DType, DTYPE_NAMES[dtype]), block_size, index)
 
 
 def _version_string(version: int) -> str:
@@ -79,7 +72,7 @@ def driver_mismatch_message(driver: int, runtime: int) -> str | None:
 @functools.cache
 def _cuda_driver_problem() -> str | None:
     # Checked once per process: the driver cannot change under a running process.
-    from . import _cuda
+    from .. import _cuda
 
     return driver_mismatch_message(_cuda.driver_version(), _cuda.runtime_version())
 
@@ -92,7 +85,8 @@ def check_cuda_driver() -> None:
         raise RuntimeError(problem)
 
 
-def require_cuda(qk: torch.Tensor) -> None:
+def require_cuda() -> None:
+    """The CUDA kernels are built and the driver can run them, or a RuntimeError says why."""
     if not has_cuda_build():
         raise RuntimeError(
             "qk is a CUDA tensor, but bspf_ext was built without CUDA support (nvcc was not "

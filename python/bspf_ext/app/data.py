@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from ._validation import check_float, check_int
+from .._checks import check_float, check_int
 
 __all__ = ["EmbeddedDataset", "DATASETS", "load", "digits", "digit_pairs", "digit_images"]
 

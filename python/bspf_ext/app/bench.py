@@ -15,8 +15,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ._ops import block_symmetric_attention
-from .reference import block_symmetric_attention as reference_attention
+from ..ops import block_symmetric_attention
+from ..reference import block_symmetric_attention as reference_attention
 
 __all__ = ["time_call", "interleaved_medians", "compare_with_dense", "format_rows"]
 

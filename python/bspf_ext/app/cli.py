@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .training import TrainConfig
+    from .config import TrainConfig
 
 __all__ = ["main"]
 
@@ -59,7 +59,7 @@ def _ratio(text: str) -> float:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; a flag left out keeps the config file's (or default) value."""
-    from .training import TrainConfig
+    from .config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -90,7 +90,7 @@ def _read_config_file(path: str) -> dict:
 
 
 def _config_from_args(args) -> "TrainConfig":
-    from .training import TrainConfig
+    from .config import TrainConfig
 
     values = _read_config_file(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
@@ -109,19 +109,19 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from . import training
+    from .train import train
 
     config = _config_from_args(args)
-    result = training.train(config, resume=args.resume, progress=not args.no_progress)
+    result = train(config, resume=args.resume, progress=not args.no_progress)
     if result:
         print(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}, indent=2))
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from . import training
+    from .evaluate import evaluate
 
-    result = training.evaluate(args.checkpoint, device=args.device, dataset_split=args.split)
+    result = evaluate(args.checkpoint, device=args.device, dataset_split=args.split)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -130,18 +130,21 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_viz(args) -> int:
-    from . import training, viz
+    from . import viz
+    from .build import build_model, load_dataset
+    from .checkpoints import load_checkpoint
+    from .config import TrainConfig
 
     if args.checkpoint:
-        state = training.load_checkpoint(args.checkpoint)
-        config = training.TrainConfig.from_dict(state["config"])
+        state = load_checkpoint(args.checkpoint)
+        config = TrainConfig.from_dict(state["config"])
     else:
         config = _config_from_args(args)
         state = None
     if config.attention != "bspf":
         raise ValueError(f"viz draws BSPF keep masks; the model's attention is {config.attention!r}")
-    data = training.load_dataset(config)
-    model = training.build_model(config, data.num_classes, data.in_chans)
+    data = load_dataset(config)
+    model = build_model(config, data.num_classes, data.in_chans)
     if state is not None:
         model.load_state_dict(state["model"])
     if args.image:
@@ -158,9 +161,9 @@ def _cmd_viz(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from . import benchmark
+    from . import bench
 
-    print(benchmark.format_rows(benchmark.compare_with_dense(
+    print(bench.format_rows(bench.compare_with_dense(
         batch=args.batch, heads=args.heads, seqlen=args.seqlen, head_dim=args.head_dim,
         block_size=args.block_size, keep_ratio=args.keep_ratio, repeats=args.repeats,
         device=args.device, backward=not args.forward_only)))

@@ -1,6 +1,6 @@
 """Swapping the attention of an existing model for BSPF, in place.
 
-`bspf_ext.patch.timm(model)` replaces every timm `Attention` (the ViT/DeiT attention) of a
+`bspf_ext.swap.timm(model)` replaces every timm `Attention` (the ViT/DeiT attention) of a
 timm model with a `BlockSymmetricAttention` carrying its weights (W_qk made per `qk_init`,
 see `bspf_ext.models.convert`). timm is only needed for that entry point;
 `swap_attention` does the same for any dense attention class with timm's layout.
@@ -12,18 +12,19 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from . import _validation as check
+from ._checks import check_choice
 from .models.convert import QK_INITS, attention_from_dense
 from .nn import SCORINGS
+from .ops.validation import check_block_size, check_fuse, check_keep_ratio
 
 __all__ = ["timm", "swap_attention"]
 
 # The BlockSymmetricAttention options a swap may set; the rest come from the dense module.
 _CHECKS = {
-    "block_size": check.check_block_size,
-    "keep_ratio": check.check_keep_ratio,
-    "fuse": check.check_fuse,
-    "scoring": lambda value: check.check_choice("scoring", value, SCORINGS),
+    "block_size": check_block_size,
+    "keep_ratio": check_keep_ratio,
+    "fuse": check_fuse,
+    "scoring": lambda value: check_choice("scoring", value, SCORINGS),
 }
 
 
@@ -38,7 +39,7 @@ def _check_arguments(model, layers, qk_init, bspf_kwargs) -> Optional[list]:
         layers = list(layers)
         if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
             raise TypeError(f"layers must be a sequence of int indices, got {layers!r}")
-    check.check_choice("qk_init", qk_init, QK_INITS)
+    check_choice("qk_init", qk_init, QK_INITS)
     unknown = sorted(set(bspf_kwargs) - set(_CHECKS))
     if unknown:
         raise TypeError(f"unknown BlockSymmetricAttention options {unknown}; the options are {sorted(_CHECKS)}")
@@ -89,7 +90,7 @@ def timm(model: nn.Module, *, layers: Optional[Sequence[int]] = None, qk_init: s
     try:
         from timm.models.vision_transformer import Attention
     except ImportError as error:
-        raise ImportError("bspf_ext.patch.timm needs timm (pip install timm)") from error
+        raise ImportError("bspf_ext.swap.timm needs timm (pip install timm)") from error
     replaced = swap_attention(model, (Attention,), layers=layers, qk_init=qk_init, **bspf_kwargs)
     if not replaced:
         raise ValueError(f"{type(model).__name__} has no timm ViT Attention module to replace")

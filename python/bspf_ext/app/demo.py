@@ -9,8 +9,12 @@ from pathlib import Path
 
 import torch
 
-from . import training
-from .training import TrainConfig
+from ..ops import cpu_capability
+from .build import apply_pruning, build_model, load_dataset, resolve_device
+from .checkpoints import load_checkpoint
+from .config import TrainConfig
+from .evaluate import accuracy, flops_summary
+from .train import train
 
 # name -> the config changes from the demo's base config. Each is trained from scratch.
 VARIANTS = {
@@ -84,15 +88,15 @@ def _row(name: str, result: dict) -> dict:
 def _training_free(name: str, trained: TrainConfig, changes: dict) -> dict:
     """Applies a training-free method to an already trained model and evaluates it."""
     config = trained.replace(label=name, **changes)
-    data = training.load_dataset(config)
-    device = training.resolve_device(config.device)
-    model = training.build_model(trained, data.num_classes, data.in_chans)
-    model.load_state_dict(training.load_checkpoint(Path(trained.out_dir))["model"])
-    model = training.apply_pruning(model, config).to(device)
-    measured = training.accuracy(model, data.test, device)
+    data = load_dataset(config)
+    device = resolve_device(config.device)
+    model = build_model(trained, data.num_classes, data.in_chans)
+    model.load_state_dict(load_checkpoint(Path(trained.out_dir))["model"])
+    model = apply_pruning(model, config).to(device)
+    measured = accuracy(model, data.test, device)
     result = {"test_accuracy": measured["accuracy"], "images_per_second": measured["images_per_second"],
               "train_seconds": 0.0}
-    result.update(training.flops_summary(model, config, data.test, device))
+    result.update(flops_summary(model, config, data.test, device))
     return result
 
 
@@ -106,8 +110,6 @@ def run(out_dir="runs/demo", *, epochs: int = 6, seed: int = 0, device: str = "a
     missing = [TRAINING_FREE[n][0] for n in names if n in TRAINING_FREE and TRAINING_FREE[n][0] not in names]
     if missing:
         raise ValueError(f"the training-free variants need {sorted(set(missing))} in the run too")
-    from . import cpu_capability
-
     log(f"bspf-ext demo: {len(names)} micro ViTs on digit-pairs (CPU path: {cpu_capability()}, "
         f"threads: {torch.get_num_threads()})")
     started = time.perf_counter()
@@ -119,7 +121,7 @@ def run(out_dir="runs/demo", *, epochs: int = 6, seed: int = 0, device: str = "a
         else:
             config = base_config(out_dir / name.replace(" ", "-"), epochs, seed, device, quick)
             config = config.replace(label=name, **VARIANTS[name])
-            result = training.train(config, progress=progress, log=lambda message: None)
+            result = train(config, progress=progress, log=lambda message: None)
             configs[name] = config
         rows.append(_row(name, result))
         log(f"  {name:28s} test accuracy {100 * result['test_accuracy']:5.1f}%  ({result['train_seconds']:.0f} s)")
@@ -134,9 +136,9 @@ def run(out_dir="runs/demo", *, epochs: int = 6, seed: int = 0, device: str = "a
     model = image = None
     if "bspf" in configs:
         config = configs["bspf"]
-        data = training.load_dataset(config)
-        model = training.build_model(config, data.num_classes, data.in_chans)
-        model.load_state_dict(training.load_checkpoint(Path(config.out_dir))["model"])
+        data = load_dataset(config)
+        model = build_model(config, data.num_classes, data.in_chans)
+        model.load_state_dict(load_checkpoint(Path(config.out_dir))["model"])
         image = data.test.tensors[0][0]
     from .viz import draw_comparison
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _C, _params
-from ._ops import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
+from .. import _C
+from . import params as _params
+from .geometry import num_chunks
+from .library import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
 
 
 @forward_op.register_kernel("cpu")
@@ -15,7 +17,7 @@ def _forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
     out, mask_words, match, rho, lse, log_row_sum = outputs
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
         return tuple(t.zero_() for t in outputs)
-    kernel = _params.kernel_buffer(score_kernel, qk.dtype)
+    kernel = _params.score_kernel_buffer(score_kernel, qk.dtype)
     saved = _params.saved(_C, mask_words, match, rho, lse, log_row_sum)
     params = _params.forward_params(
         _C, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved, torch.get_num_threads()
@@ -41,10 +43,10 @@ def _backward_cpu(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, blo
 @block_mask_op.register_kernel("cpu")
 def _block_mask_cpu(qk, score_kernel, block_size, keep_ratio, scale):
     b, h, n, _ = qk.shape
-    mask_words = torch.empty((b, h, n, _params.num_chunks(n, block_size)), dtype=torch.int64)
+    mask_words = torch.empty((b, h, n, num_chunks(n, block_size)), dtype=torch.int64)
     if mask_words.numel() == 0:
         return torch.empty((b, h, n, n), dtype=torch.bool)
-    kernel = _params.kernel_buffer(score_kernel, qk.dtype)
+    kernel = _params.score_kernel_buffer(score_kernel, qk.dtype)
     saved = _C.Saved()
     saved.mask_words = mask_words.data_ptr()
     # v is not read by the mask kernel; qk stands in so the struct is well formed.

@@ -1,13 +1,16 @@
 """CUDA kernels of the bspf_ext ops: allocate through torch on the tensor's device, fill
 the params struct, launch bspf_ext._cuda on the current stream under a device guard.
-Imported only when the package was built with CUDA (see _backends.load_cuda_kernels)."""
+Imported only when the package was built with CUDA (see ops/__init__.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import _backends, _cuda, _params
-from ._ops import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
+from .. import _cuda
+from . import backends
+from . import params as _params
+from .geometry import accumulation_dtype, num_chunks
+from .library import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
 
 
 def _stream(device: torch.device) -> int:
@@ -16,13 +19,13 @@ def _stream(device: torch.device) -> int:
 
 @forward_op.register_kernel("cuda")
 def _forward_cuda(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
-    _backends.check_cuda_driver()
+    backends.check_cuda_driver()
     outputs = allocate_forward(qk, v, block_size)
     out, mask_words, match, rho, lse, log_row_sum = outputs
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
         return tuple(t.zero_() for t in outputs)
     with torch.cuda.device(qk.device):
-        kernel = _params.kernel_buffer(score_kernel, qk.dtype)
+        kernel = _params.score_kernel_buffer(score_kernel, qk.dtype)
         saved = _params.saved(_cuda, mask_words, match, rho, lse, log_row_sum)
         params = _params.forward_params(_cuda, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved, 0)
         _cuda.forward(params, qk.device.index, _stream(qk.device))
@@ -31,8 +34,8 @@ def _forward_cuda(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
 
 @backward_op.register_kernel("cuda")
 def _backward_cuda(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, block_size, fuse, scale):
-    _backends.check_cuda_driver()
-    acc = _params.accumulation_dtype(qk.dtype)
+    backends.check_cuda_driver()
+    acc = accumulation_dtype(qk.dtype)
     with torch.cuda.device(qk.device):
         # The kernels accumulate each token's gradient in the accumulation type, then cast;
         # where the dtypes agree the output is the accumulator.
@@ -56,13 +59,13 @@ def _backward_cuda(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, bl
 
 @block_mask_op.register_kernel("cuda")
 def _block_mask_cuda(qk, score_kernel, block_size, keep_ratio, scale):
-    _backends.check_cuda_driver()
+    backends.check_cuda_driver()
     b, h, n, _ = qk.shape
-    mask_words = torch.empty((b, h, n, _params.num_chunks(n, block_size)), dtype=torch.int64, device=qk.device)
+    mask_words = torch.empty((b, h, n, num_chunks(n, block_size)), dtype=torch.int64, device=qk.device)
     if mask_words.numel() == 0:
         return torch.empty((b, h, n, n), dtype=torch.bool, device=qk.device)
     with torch.cuda.device(qk.device):
-        kernel = _params.kernel_buffer(score_kernel, qk.dtype)
+        kernel = _params.score_kernel_buffer(score_kernel, qk.dtype)
         saved = _cuda.Saved()
         saved.mask_words = mask_words.data_ptr()
         # v is not read by the mask kernel; qk stands in so the struct is well formed.

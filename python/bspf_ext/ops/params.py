@@ -8,31 +8,17 @@ from __future__ import annotations
 
 import torch
 
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-}
+from .geometry import DTYPE_NAMES, accumulation_dtype
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The type the kernels compute and save statistics in."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def kernel_buffer(score_kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def score_kernel_buffer(score_kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The 3×3 score kernel as the kernels read it: contiguous, in the accumulation type."""
     return score_kernel.to(accumulation_dtype(dtype)).contiguous()
 
 
-def num_chunks(seqlen: int, block_size: int) -> int:
-    return -(-seqlen // block_size)
-
-
 def problem(backend, qk: torch.Tensor, v: torch.Tensor, block_size: int, scale: float, fuse: bool):
     p = backend.Problem()
-    p.dtype = getattr(backend.DType, _DTYPE_NAMES[qk.dtype])
+    p.dtype = getattr(backend.DType, DTYPE_NAMES[qk.dtype])
     p.batch, p.heads, p.seqlen, p.head_dim = qk.shape
     p.value_dim = v.shape[-1]
     p.block_size = block_size

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .nn import BlockSymmetricAttention
+from ..nn import BlockSymmetricAttention
 
 __all__ = ["keep_masks", "token_usage", "load_image", "draw_image_report", "draw_comparison"]
 

@@ -1,6 +1,6 @@
-"""The BSPF operator registered with torch.library: validation, the custom ops, their
-fake (meta) implementations and autograd. Device kernels register themselves from
-_cpu_ops.py (and the CUDA launcher when the package was built with CUDA).
+"""The BSPF operator registered with torch.library: the custom ops, their fake (meta)
+implementations and autograd. The device kernels register themselves from cpu.py and,
+when the package was built with CUDA, cuda.py; the public functions are in api.py.
 
 Three ops:
   bspf_ext::forward   -> (out, mask_words, match, rho, lse, log_row_sum); the last five are
@@ -14,11 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _validation as check
-from ._params import accumulation_dtype, num_chunks
-from .reference import box_kernel
-
-__all__ = ["block_symmetric_attention", "block_mask"]
+from .geometry import accumulation_dtype, num_chunks
 
 
 # ---------------------------------------------------------------------------- ops
@@ -116,80 +112,3 @@ def _backward(ctx, grad_out, *_unused_grads):
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------- public API
-
-
-def _check_backend(qk: Tensor) -> None:
-    if qk.device.type == "meta":
-        return  # shapes only: the fake implementation answers (deferred init, FLOP counting)
-    if qk.device.type == "cpu":
-        if qk.dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"qk on CPU must be float32 or float64 (the CPU kernels' types), got {qk.dtype}; "
-                "upcast it, or run on CUDA for float16/bfloat16"
-            )
-    elif qk.device.type == "cuda":
-        from . import _backends
-
-        _backends.require_cuda(qk)
-    else:
-        raise ValueError(f"qk must be on a cpu, cuda or meta device, got {qk.device}")
-
-
-def _default_kernel(score_kernel, qk: Tensor) -> Tensor:
-    if score_kernel is None:
-        return box_kernel(qk.dtype, qk.device)
-    check.check_score_kernel(score_kernel, qk)
-    return score_kernel
-
-
-def block_symmetric_attention(
-    qk: Tensor,
-    v: Tensor,
-    score_kernel: Tensor | None = None,
-    *,
-    block_size: int = 16,
-    keep_ratio: float = 0.5,
-    fuse: bool = True,
-    scale: float | None = None,
-) -> Tensor:
-    """BSPF attention (SPEC §3): out (B, H, N, Dv) from shared query/key `qk` (B, H, N, D)
-    and values `v` (B, H, N, Dv).
-
-    `score_kernel` is the 3×3 smoothing kernel W used to score off-diagonal blocks (None:
-    the box filter). Each off-diagonal block keeps its ceil(keep_ratio·|block|) best
-    entries, decided on the upper triangle and mirrored; pruned probability is fused into
-    the most similar query's row when `fuse`. `scale` defaults to D^-1/2.
-
-    Differentiable in qk and v; the gradient for score_kernel is exactly zero (it only
-    moves the discrete mask).
-    """
-    check.check_qk(qk)
-    check.check_v(v, qk)
-    block_size = check.check_block_size(block_size)
-    keep_ratio = check.check_keep_ratio(keep_ratio)
-    fuse = check.check_fuse(fuse)
-    scale = check.check_scale(scale, qk.shape[-1])
-    kernel = _default_kernel(score_kernel, qk)
-    _check_backend(qk)
-    return forward_op(qk, v, kernel, block_size, keep_ratio, fuse, scale)[0]
-
-
-def block_mask(
-    qk: Tensor,
-    score_kernel: Tensor | None = None,
-    *,
-    block_size: int = 16,
-    keep_ratio: float = 0.5,
-    scale: float | None = None,
-) -> Tensor:
-    """The boolean keep mask M (B, H, N, N) the operator uses (SPEC §3.1–3.3)."""
-    check.check_qk(qk)
-    block_size = check.check_block_size(block_size)
-    keep_ratio = check.check_keep_ratio(keep_ratio)
-    scale = check.check_scale(scale, qk.shape[-1])
-    kernel = _default_kernel(score_kernel, qk)
-    _check_backend(qk)
-    return block_mask_op(qk, kernel, block_size, keep_ratio, scale)
