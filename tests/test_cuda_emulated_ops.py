@@ -1,7 +1,7 @@
 """The real CUDA kernels (csrc/cuda through api.cu and launch.cuh), compiled for the CPU
 by tools/cuda_emulation, against the reference (SPEC §6): forward outputs and every
 saved buffer, the backward's gradients, block_mask, determinism and the entry points'
-errors. Mirrors tests/test_ops_cuda.py, which runs the same kernels on a GPU.
+errors. Mirrors tests/test_ops.py, which runs the same kernels on a GPU.
 
 Cheap cases are dense (small N across every dtype and block size); the emulated GPU
 runs one thread at a time, so long sequences and small blocks (many CTAs) are sparse.

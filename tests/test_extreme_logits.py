@@ -24,8 +24,7 @@ import torch.nn.functional as F
 import bspf_ext
 from bspf_ext import reference
 from naive import naive_bspf
-from support import OUTPUT_RTOL, kernel_choices, random_inputs
-from test_ops_cuda import GRAD_RTOL
+from support import GRAD_RTOL, OUTPUT_RTOL, kernel_choices, random_inputs
 from test_cpu_simd import needs_avx2
 
 LOGITS = [1e2, 1e4, 1e5]

@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 import bspf_ext
 from bspf_ext import reference
-from support import OUTPUT_RTOL, kernel_choices, random_inputs
-from test_ops_cuda import GRAD_RTOL
+from support import GRAD_RTOL, OUTPUT_RTOL, kernel_choices, random_inputs
 
 LAYOUTS = ["contiguous", "transposed", "expanded", "strided", "narrowed"]
 # Multiples of D^-1/2: tiny (every logit ~0, the softmax uniform), ordinary, huge (logits

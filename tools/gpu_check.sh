@@ -38,7 +38,7 @@ rounds=15
 
 # The sanitizers' test: forward and backward through the kernels at N 197, block 16,
 # float32 and bfloat16, fuse on and off (four tests).
-sanitizer_tests="test_gradients_match_reference_autograd and 197-16 and (float32 or bfloat16)"
+sanitizer_tests="cuda and test_gradients_match_reference_autograd and 197-16 and (float32 or bfloat16)"
 export sanitizer_tests rounds
 
 times="$(mktemp -d)"
@@ -153,7 +153,7 @@ sanitize() {  # tool: memcheck or racecheck
   # pytest runs the tests in its own process, so the default target (the application
   # only) covers every CUDA call.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 86 \
-    "$python" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py -k "$sanitizer_tests"
+    "$python" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "$sanitizer_tests"
 }
 
 flex_warmup() {  # budget_s

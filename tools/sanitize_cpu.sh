@@ -40,5 +40,5 @@ python -c "import bspf_ext, os; assert bspf_ext.__file__.startswith(os.environ['
 # The AVX2 and the portable path both run: test_cpu_simd and test_extreme_logits force
 # each, and float64 always takes the portable one.
 timeout "${BSPF_SANITIZE_TIMEOUT:-1200}" python -m pytest -q -p no:cacheprovider -x \
-  tests/test_ops_cpu.py tests/test_cpu_simd.py tests/test_core_validation.py \
+  tests/test_ops.py tests/test_cpu_simd.py tests/test_core_validation.py \
   tests/test_extreme_logits.py tests/test_fuzz_op.py

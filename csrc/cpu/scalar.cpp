@@ -15,7 +15,6 @@
 namespace bspf::cpu::scalar {
 namespace {
 
-constexpr double kCosEps = 1e-8;  // cos(x, y) = x·y / max(‖x‖‖y‖, 1e-8)
 
 inline int popcount(uint64_t w) { return __builtin_popcountll(w); }
 
@@ -61,7 +60,7 @@ void compute_logits(const std::vector<T>& x, int64_t n, int64_t d, T scale, std:
 
 // SPEC §3.2–3.3 on the upper blocks, mirrored, diagonal full: writes N×C mask words.
 template <typename T>
-void compute_mask_words(const std::vector<T>& logits, const Chunks& ch, const T* kernel,
+void compute_mask_words(const std::vector<T>& logits, const Chunks& ch, const T* score_kernel,
                         double keep_ratio, uint64_t* words) {
   const int64_t n = ch.n, C = ch.count;
   std::fill(words, words + n * C, uint64_t{0});
@@ -85,7 +84,7 @@ void compute_mask_words(const std::vector<T>& logits, const Chunks& ch, const T*
             for (int bb = -1; bb <= 1; ++bb) {
               const int64_t jj = j + bb;
               if (jj < 0 || jj >= cols) continue;
-              s += kernel[(a + 1) * 3 + (bb + 1)] * logits[(r0 + ii) * n + (c0 + jj)];
+              s += score_kernel[(a + 1) * 3 + (bb + 1)] * logits[(r0 + ii) * n + (c0 + jj)];
             }
           }
           // A NaN score must not break the ordering: it ranks last.
@@ -121,7 +120,7 @@ void compute_match(const std::vector<T>& x, const Chunks& ch, int64_t d, int32_t
       T best_cos = -std::numeric_limits<T>::infinity();
       for (int64_t j = b0; j < b0 + size; ++j) {
         if (j == i) continue;
-        const T cos = dot(&x[i * d], &x[j * d], d) / std::max(norm[i] * norm[j], static_cast<T>(kCosEps));
+        const T cos = dot(&x[i * d], &x[j * d], d) / std::max(norm[i] * norm[j], static_cast<T>(kCosineEps));
         if (best == i || cos > best_cos) {  // strict: the smaller index keeps a tie
           best = j;
           best_cos = cos;
@@ -379,14 +378,14 @@ void backward_pair(const BackwardParams& bp, int64_t pair, Workspace<T>& w) {
     const T prod = nx * nq, g = grad_rho[i];
     T* gi = grad_qk + i * d;
     T* gq = grad_qk + q * d;
-    if (prod >= static_cast<T>(kCosEps)) {
+    if (prod >= static_cast<T>(kCosineEps)) {
       const T cos = dot(xi, xq, d) / prod;
       for (int64_t k = 0; k < d; ++k) {
         gi[k] += g * (xq[k] / prod - cos * xi[k] / (nx * nx));
         gq[k] += g * (xi[k] / prod - cos * xq[k] / (nq * nq));
       }
     } else {
-      const T eps = static_cast<T>(kCosEps);
+      const T eps = static_cast<T>(kCosineEps);
       for (int64_t k = 0; k < d; ++k) {
         gi[k] += g * xq[k] / eps;
         gq[k] += g * xi[k] / eps;

@@ -4,7 +4,7 @@ cuda_emulated tests and the sanitizer subprocesses (sanitized.py).
 As tests/support.py's assert_close_to_reference: float64 to 1e-10 against the plain
 reference; below float64 the kernel's mask and matches may differ from float64's only at
 near-ties, and its outputs must equal the float64 reference computed with the kernel's
-own mask= and match= on the same rounded inputs. Gradients use test_ops_cuda.py's
+own mask= and match= on the same rounded inputs. Gradients use support.py's
 GRAD_RTOL. Every saved buffer is checked too (mask words bit for bit, match, ρ, lse, log Z).
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from bspf_ext import reference
 from support import OUTPUT_RTOL, assert_mask_near_float64, assert_match_near_float64
-from test_ops_cuda import GRAD_RTOL
+from support import GRAD_RTOL
 
 from . import ops
 

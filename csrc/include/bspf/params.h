@@ -65,6 +65,12 @@ struct BackwardParams {
   int32_t num_threads = 1;
 };
 
+// One row of a block is one 64-bit mask word (Saved::mask_words).
+constexpr int32_t kMaxBlockSize = 64;
+
+// cos(x, y) = x·y / max(‖x‖‖y‖, kCosineEps) (SPEC §3.5).
+constexpr double kCosineEps = 1e-8;
+
 // k = ceil(r·rows·cols − 1e-9), evaluated left to right in double (SPEC §3.3).
 inline int64_t keep_count(double keep_ratio, int64_t rows, int64_t cols) {
   const double want = keep_ratio * static_cast<double>(rows) * static_cast<double>(cols) - 1e-9;

@@ -68,8 +68,9 @@ inline void validate(const Problem& p) {
   require_at_least(p.seqlen, 0, "p.seqlen");
   require_at_least(p.head_dim, 1, "p.head_dim");
   require_at_least(p.value_dim, 0, "p.value_dim");
-  if (p.block_size < 1 || p.block_size > 64)
-    fail("p.block_size must be in [1, 64] (one mask word per block row), got " + std::to_string(p.block_size));
+  if (p.block_size < 1 || p.block_size > kMaxBlockSize)
+    fail("p.block_size must be in [1, " + std::to_string(kMaxBlockSize) + "] (one mask word per block row), got " +
+         std::to_string(p.block_size));
   if (!std::isfinite(p.scale)) fail("p.scale must be finite, got " + std::to_string(p.scale));
   // Every index a kernel forms is below the largest buffer's element count.
   const int64_t rows = product(product(p.batch, p.heads, "batch · heads"), p.seqlen, "batch · heads · seqlen");

@@ -17,10 +17,10 @@ def _forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
     out, mask_words, match, rho, lse, log_row_sum = outputs
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
         return tuple(t.zero_() for t in outputs)
-    kernel = _params.score_kernel_buffer(score_kernel, qk.dtype)
+    weights = _params.score_kernel_buffer(score_kernel, qk.dtype)
     saved = _params.saved(_C, mask_words, match, rho, lse, log_row_sum)
     params = _params.forward_params(
-        _C, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved, torch.get_num_threads()
+        _C, qk, v, weights, block_size, keep_ratio, fuse, scale, out, saved, torch.get_num_threads()
     )
     _C.forward(params)
     return outputs
@@ -46,12 +46,12 @@ def _block_mask_cpu(qk, score_kernel, block_size, keep_ratio, scale):
     mask_words = torch.empty((b, h, n, num_chunks(n, block_size)), dtype=torch.int64)
     if mask_words.numel() == 0:
         return torch.empty((b, h, n, n), dtype=torch.bool)
-    kernel = _params.score_kernel_buffer(score_kernel, qk.dtype)
+    weights = _params.score_kernel_buffer(score_kernel, qk.dtype)
     saved = _C.Saved()
     saved.mask_words = mask_words.data_ptr()
     # v is not read by the mask kernel; qk stands in so the struct is well formed.
     params = _params.forward_params(
-        _C, qk, qk, kernel, block_size, keep_ratio, True, scale, None, saved, torch.get_num_threads()
+        _C, qk, qk, weights, block_size, keep_ratio, True, scale, None, saved, torch.get_num_threads()
     )
     _C.mask(params)
     return unpack_mask_words(mask_words, n, block_size)

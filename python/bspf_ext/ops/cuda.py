@@ -25,9 +25,9 @@ def _forward_cuda(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
         return tuple(t.zero_() for t in outputs)
     with torch.cuda.device(qk.device):
-        kernel = _params.score_kernel_buffer(score_kernel, qk.dtype)
+        weights = _params.score_kernel_buffer(score_kernel, qk.dtype)
         saved = _params.saved(_cuda, mask_words, match, rho, lse, log_row_sum)
-        params = _params.forward_params(_cuda, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved, 0)
+        params = _params.forward_params(_cuda, qk, v, weights, block_size, keep_ratio, fuse, scale, out, saved, 0)
         _cuda.forward(params, qk.device.index, _stream(qk.device))
     return outputs
 
@@ -65,10 +65,10 @@ def _block_mask_cuda(qk, score_kernel, block_size, keep_ratio, scale):
     if mask_words.numel() == 0:
         return torch.empty((b, h, n, n), dtype=torch.bool, device=qk.device)
     with torch.cuda.device(qk.device):
-        kernel = _params.score_kernel_buffer(score_kernel, qk.dtype)
+        weights = _params.score_kernel_buffer(score_kernel, qk.dtype)
         saved = _cuda.Saved()
         saved.mask_words = mask_words.data_ptr()
         # v is not read by the mask kernel; qk stands in so the struct is well formed.
-        params = _params.forward_params(_cuda, qk, qk, kernel, block_size, keep_ratio, True, scale, None, saved, 0)
+        params = _params.forward_params(_cuda, qk, qk, weights, block_size, keep_ratio, True, scale, None, saved, 0)
         _cuda.mask(params, qk.device.index, _stream(qk.device))
     return unpack_mask_words(mask_words, n, block_size)

@@ -37,13 +37,13 @@ def saved(backend, mask_words, match, rho, lse, log_row_sum):
     return s
 
 
-def forward_params(backend, qk, v, kernel, block_size, keep_ratio, fuse, scale, out, saved_struct, threads):
+def forward_params(backend, qk, v, score_weights, block_size, keep_ratio, fuse, scale, out, saved_struct, threads):
     fp = backend.ForwardParams()
     fp.p = problem(backend, qk, v, block_size, scale, fuse)
     fp.keep_ratio = keep_ratio
     fp.qk, fp.qk_stride = qk.data_ptr(), list(qk.stride())
     fp.v, fp.v_stride = v.data_ptr(), list(v.stride())
-    fp.score_kernel = kernel.data_ptr()
+    fp.score_kernel = score_weights.data_ptr()
     fp.out = 0 if out is None else out.data_ptr()
     fp.saved = saved_struct
     fp.num_threads = threads

@@ -11,6 +11,11 @@
 // resort, a pass in which no thread can run. The launch then fails with
 // cudaErrorLaunchFailure and a report naming the intrinsic and where every lane is.
 //
+// Why one long file: switching, the collectives' semantics, the CTA loop and the
+// kernel-side entry points all work on the scheduler's private state (the running CTA's
+// threads, its open groups and barrier); split, that state would have to move to a header
+// every part could change.
+//
 // Sanitizers: under AddressSanitizer every switch is announced with
 // __sanitizer_start/finish_switch_fiber. Under ThreadSanitizer (BSPF_EMULATION_TSAN;
 // this file is then compiled without -fsanitize=thread, so its own bookkeeping is

@@ -1,0 +1,155 @@
+// The AVX2 path's backward for one (batch, head) pair (SPEC §4).
+#include <immintrin.h>
+
+#include "../kernels.h"
+#include "gemm.h"
+#include "softmax_fusion.h"
+#include "workspace.h"
+
+namespace bspf::cpu::avx2 {
+
+Outcome backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace) {
+  Workspace& ws = *workspace;
+  const Geometry g(bp.p);
+  const int64_t N = g.n, ld = g.ld, C = g.chunks;
+  if (!reserve_forward(g, ws) || !ws.vt.reserve(g.dvp * ld) || !ws.g.reserve(ld * g.dvp) ||
+      !ws.dx.reserve(ld * g.dp) || !ws.bitmap.reserve(ld * bitmap_words(g)) ||
+      !ws.lists.reserve((ld / 2 + 1) * (ld + kLanes)) || !ws.dv.reserve(ld * g.dvp) || !ws.weights.reserve(g.square()) || !ws.grad.reserve(g.square()) ||
+      !ws.work.reserve(g.square()) || !ws.column.reserve(ld))
+    return Outcome::kNoMemory;
+  const uint64_t* words = bp.saved.mask_words + pair * N * C;
+  const int32_t* match = bp.saved.match + pair * N;
+  const float* rho = static_cast<const float*>(bp.saved.rho) + pair * N;
+  const float* lse = static_cast<const float*>(bp.saved.lse) + pair * N;
+  const float* log_row_sum = static_cast<const float*>(bp.saved.log_row_sum) + pair * N;
+  for (int64_t i = 0; i < N; ++i)
+    if (!(log_row_sum[i] >= kSmallestLogRowSum)) return Outcome::kNeedsPortable;
+  float* grad_qk = static_cast<float*>(bp.grad_qk) + pair * N * g.d;
+  float* grad_v = static_cast<float*>(bp.grad_v) + pair * N * g.dv;
+  const float scale = static_cast<float>(bp.p.scale);
+  const int64_t heads = bp.p.heads;
+
+  float* probs = ws.logits.data;
+  float* weights = ws.weights.data;  // R, then A = R / Z
+  float* grad = ws.grad.data;        // G Vᵀ, then dR, dP, dL
+  float* work = ws.work.data;        // Aᵀ, then S = scale · (dL + dLᵀ)
+
+  load_logits(g, static_cast<const float*>(bp.qk), bp.qk_stride, pair, heads, scale, Mirror::kAll, ws);
+  gather(static_cast<const float*>(bp.v), bp.v_stride, pair, heads, N, g.dv, ld, g.dvp, ws.v.data);
+  gather(static_cast<const float*>(bp.grad_out), bp.grad_out_stride, pair, heads, N, g.dv, ld, g.dvp, ws.g.data);
+  transpose(ws.v.data, g.dvp, ld, g.dvp, ws.vt.data, ld);
+
+  for (int64_t i = 0; i < N; ++i) probs_row(g, probs + i * ld, lse[i]);
+  std::memset(probs + N * ld, 0, sizeof(float) * (ld - N) * ld);
+
+  // A = R / Z, with R rebuilt from P and the saved choices (the forward's own code).
+  float recomputed_z[64];  // the saved Z is used instead, as in the portable path
+  for (int64_t m = 0; m < C; ++m)
+    chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, ws.bitmap.data, weights + g.begin(m) * ld,
+                  recomputed_z);
+  std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
+  float* inv_row_sum = ws.column.data;  // 1 / Z_i (the column is free until dρ below)
+  for (int64_t i = 0; i < N; ++i) inv_row_sum[i] = __builtin_expf(-log_row_sum[i]);
+  for (int64_t i = 0; i < N; ++i) {
+    const __m256 inv = _mm256_set1_ps(inv_row_sum[i]);
+    float* a = weights + i * ld;
+    for (int64_t j = 0; j < ld; j += kLanes) _mm256_storeu_ps(a + j, _mm256_mul_ps(inv, _mm256_loadu_ps(a + j)));
+  }
+
+  // dA = G Vᵀ (dense: only kept entries are used), then
+  // dR(i, j) = M(i, j) · (dA(i, j) − Σ_k A(i, k) dA(i, k)) / Z_i.
+  gemm(ws.g.data, g.dvp, ws.vt.data, ld, g.dv, grad, ld, ld, ld, 1.0f, /*upper=*/false);
+  uint64_t* bitmaps = ws.bitmap.data;
+  for (int64_t i = 0; i < N; ++i) {
+    const float* a = weights + i * ld;
+    float* dr = grad + i * ld;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t j = 0; j < ld; j += kLanes)
+      s = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(dr + j), s);
+    const __m256 a_dot_da = _mm256_set1_ps(hsum(s)), inv = _mm256_set1_ps(inv_row_sum[i]);
+    uint64_t* bitmap = bitmaps + i * bitmap_words(g);  // kept for dV below
+    row_bitmap(g, words + i * C, bitmap);
+    for (int64_t j = 0; j < ld; j += kLanes) {
+      const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(dr + j), a_dot_da), inv);
+      _mm256_storeu_ps(dr + j, _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), v));
+    }
+  }
+  std::memset(grad + N * ld, 0, sizeof(float) * (ld - N) * ld);
+
+  // dV_j = Σ_i A(i, j) G_i over kept (i, j); M is symmetric, so row j's kept columns are
+  // exactly the i with (i, j) kept, and Aᵀ makes the coefficients contiguous.
+  transpose(weights, ld, ld, ld, work, ld);
+  sparse_rows(work, ld, ws.bitmap.data, bitmap_words(g), ld, ws.g.data, g.dvp, g.dvp, nullptr, N, ws.lists.data,
+              ws.dv.data, g.dvp);
+  copy_rows(ws.dv.data, g.dvp, N, g.dv, grad_v, g.dv);
+
+  // dP = M ⊙ dR plus, on pruned (i, j), ρ_i · H · dR(b(i), j); and dρ_i (SPEC §4).
+  // In place: the writes go to pruned entries, the reads to kept ones.
+  float* grad_rho = ws.column.data;
+  for (int64_t i = 0; i < N; ++i) {
+    float acc = 0.0f;
+    if (bp.p.fuse) {
+      const float* grad_target = grad + match[i] * ld;
+      const float* p = probs + i * ld;
+      float* dp = grad + i * ld;
+      const float r = rho[i];
+      for_each_fused_entry(g, i, words, match, rho, [&](int64_t j, float similarity) {
+        dp[j] += r * similarity * grad_target[j];
+        acc += similarity * p[j] * grad_target[j];
+      });
+    }
+    grad_rho[i] = acc;
+  }
+
+  // dL = P ⊙ (dP − Σ_k P(i, k) dP(i, k)).
+  for (int64_t i = 0; i < N; ++i) {
+    const float* p = probs + i * ld;
+    float* dl = grad + i * ld;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t j = 0; j < ld; j += kLanes) s = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(dl + j), s);
+    const __m256 vs = _mm256_set1_ps(hsum(s));
+    for (int64_t j = 0; j < ld; j += kLanes)
+      _mm256_storeu_ps(dl + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), _mm256_sub_ps(_mm256_loadu_ps(dl + j), vs)));
+  }
+
+  // dX = S X with S = scale · (dL + dLᵀ).
+  transpose(grad, ld, ld, ld, work, ld);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t e = 0; e < ld * ld; e += kLanes)
+    _mm256_storeu_ps(work + e, _mm256_mul_ps(vscale, _mm256_add_ps(_mm256_loadu_ps(work + e), _mm256_loadu_ps(grad + e))));
+  float* dx = ws.dx.data;
+  gemm(work, ld, ws.x.data, g.dp, N, dx, g.dp, ld, g.dp, 1.0f, /*upper=*/false);
+
+  // The cosine behind ρ_i = max(cos(x_i, x_b(i)), 0) (SPEC §4, last line).
+  const float* x = ws.x.data;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t q = match[i];
+    if (q == i || !(rho[i] > 0.0f) || grad_rho[i] == 0.0f) continue;
+    const float* xi = x + i * g.dp;
+    const float* xq = x + q * g.dp;
+    const float nx = __builtin_sqrtf(dot(xi, xi, g.dp)), nq = __builtin_sqrtf(dot(xq, xq, g.dp));
+    const float prod = nx * nq, gr = grad_rho[i];
+    float* gi = dx + i * g.dp;
+    float* gq = dx + q * g.dp;
+    if (prod >= kCosEps) {
+      const float cos = dot(xi, xq, g.dp) / prod;
+      const __m256 a = _mm256_set1_ps(gr / prod), bi = _mm256_set1_ps(gr * cos / (nx * nx)),
+                   bq = _mm256_set1_ps(gr * cos / (nq * nq));
+      for (int64_t k = 0; k < g.dp; k += kLanes) {
+        const __m256 vi = _mm256_loadu_ps(xi + k), vq = _mm256_loadu_ps(xq + k);
+        _mm256_storeu_ps(gi + k, _mm256_fnmadd_ps(bi, vi, _mm256_fmadd_ps(a, vq, _mm256_loadu_ps(gi + k))));
+        _mm256_storeu_ps(gq + k, _mm256_fnmadd_ps(bq, vq, _mm256_fmadd_ps(a, vi, _mm256_loadu_ps(gq + k))));
+      }
+    } else {
+      const __m256 a = _mm256_set1_ps(gr / kCosEps);
+      for (int64_t k = 0; k < g.dp; k += kLanes) {
+        _mm256_storeu_ps(gi + k, _mm256_fmadd_ps(a, _mm256_loadu_ps(xq + k), _mm256_loadu_ps(gi + k)));
+        _mm256_storeu_ps(gq + k, _mm256_fmadd_ps(a, _mm256_loadu_ps(xi + k), _mm256_loadu_ps(gq + k)));
+      }
+    }
+  }
+  copy_rows(dx, g.dp, N, g.d, grad_qk, g.d);
+  return Outcome::kDone;
+}
+
+}  // namespace bspf::cpu::avx2

@@ -1,0 +1,106 @@
+// The AVX2+FMA CPU path for float32: SPEC §3 and §4 computed one (batch, head) pair at a
+// time with its whole working set (an N×N tile of logits, ~160 KB at N = 197) in L2.
+//
+// One file per stage: vector.h (vector helpers), workspace.h (geometry, scratch),
+// gemm (logits and the sparse A·V products), selection (the keep mask), matching (b(i), ρ),
+// softmax_fusion (exps, fused rows, sums), this file (the forward and mask of a pair) and
+// backward.cpp. Every file here is compiled with -mavx2 -mfma only, and the path is chosen
+// at run time by dispatch.cpp. To keep the portable path safe on CPUs without AVX2 these
+// files share no inline function or template with the portable translation units: what
+// they define lives in bspf::cpu::avx2 (so the linker can merge an inline helper only with
+// another AVX2 file's copy), they use no std:: containers or algorithms, no <cmath>
+// overloads (compiler builtins instead), and of params.h only its plain structs and
+// constants.
+//
+// Where it differs from scalar.cpp (the correctness baseline), it differs only in
+// rounding: dot products and sums are vectorised, so float32 scores may swap places at
+// a near-tie of a block's k-th score (SPEC §6), exactly as any two float32
+// implementations may. The selection rule itself (top k, ties to the smaller row-major
+// index, NaN last) is the same.
+#include <immintrin.h>
+
+#include <new>
+
+#include "../kernels.h"
+#include "gemm.h"
+#include "matching.h"
+#include "selection.h"
+#include "softmax_fusion.h"
+#include "workspace.h"
+
+namespace bspf::cpu::avx2 {
+
+bool reserve_forward(const Geometry& g, Workspace& ws) {
+  return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
+         ws.logits.reserve(g.square()) &&
+         ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(2 * 64 * 64) &&
+         ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
+}
+
+Workspace* create_workspace() { return new (std::nothrow) Workspace(); }
+
+void destroy_workspace(Workspace* ws) { delete ws; }
+
+bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Workspace* workspace) {
+  Workspace& ws = *workspace;
+  const Geometry g(fp.p);
+  if (!reserve_forward(g, ws)) return false;
+  load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
+              Mirror::kNone, ws);
+  compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws,
+                     fp.saved.mask_words + pair * g.n * g.chunks);
+  return true;
+}
+
+Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Workspace* workspace) {
+  Workspace& ws = *workspace;
+  const Geometry g(fp.p);
+  if (!reserve_forward(g, ws)) return Outcome::kNoMemory;
+  uint64_t* words = fp.saved.mask_words + pair * g.n * g.chunks;
+  int32_t* match = fp.saved.match + pair * g.n;
+  float* rho = static_cast<float*>(fp.saved.rho) + pair * g.n;
+  float* lse = static_cast<float*>(fp.saved.lse) + pair * g.n;
+  float* log_row_sum = static_cast<float*>(fp.saved.log_row_sum) + pair * g.n;
+  float* out = static_cast<float*>(fp.out) + pair * g.n * g.dv;
+
+  load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
+              Mirror::kDiagonalBlocks, ws);
+  // Value rows of a whole number of vectors with unit column stride are read where they
+  // are, and output rows written in place: A·V reads only kept rows of V and writes whole
+  // rows, so the gather and the copy back (a few % of the call) are not needed.
+  const bool in_place = g.dv == g.dvp && fp.v_stride[3] == 1;
+  const float* values = ws.v.data;
+  int64_t ldv = g.dvp;
+  if (in_place) {
+    values = static_cast<const float*>(fp.v) + (pair / fp.p.heads) * fp.v_stride[0] +
+             (pair % fp.p.heads) * fp.v_stride[1];
+    ldv = fp.v_stride[2];
+  } else {
+    gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, g.n, g.dvp, ws.v.data);
+  }
+  compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws, words);
+  compute_match(g, ws.x.data, ws.logits.data, static_cast<float>(fp.p.scale), ws, match, rho);
+
+  // E = exp(L − c) with one shift for all rows (symmetric: half the exps), then one chunk
+  // of rows at a time while it is in cache: softmax sums, weights with fusion, and A·V
+  // over the kept entries only.
+  float* exps = ws.logits.data;
+  const float shift = logit_bound(g, exps);
+  shifted_exps(g, shift, exps);
+  for (int64_t m = 0; m < g.chunks; ++m) {
+    const int64_t r0 = g.begin(m), rows = g.size(m);
+    float alpha[64];
+    if (!chunk_forward_rows(g, m, ws.x.data, static_cast<float>(fp.p.scale), shift, exps, words, match, rho,
+                            fp.p.fuse, ws.bitmap.data, lse + r0, log_row_sum + r0, alpha))
+      return Outcome::kNeedsPortable;
+    if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
+    float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;
+    const int64_t ldo = in_place ? g.dv : g.dvp;
+    sparse_rows(exps + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp, alpha, rows,
+                ws.lists.data, rows_out, ldo);
+    if (!in_place) copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
+  }
+  return Outcome::kDone;
+}
+
+}  // namespace bspf::cpu::avx2

@@ -1,0 +1,53 @@
+// The AVX2 path's products: dense GEMM (the logits L = scale · X Xᵀ, and the backward's
+// products), and the sparse row products that multiply only kept entries into V.
+#pragma once
+
+#include <cstdint>
+
+#include "workspace.h"
+
+namespace bspf::cpu::avx2 {
+
+// Rows [row_begin, row_end) (multiples of 4) of C = alpha · A·B, columns [col_begin(i0), cols)
+// where col_begin is `upper ? i0 rounded down to 8 : 0`; cols is a multiple of 8.
+void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
+          int64_t rows, int64_t cols, float alpha, bool upper);
+
+// Whether sparse_rows reads the coefficients of pruned entries (which must then be 0):
+// only the 64-wide path goes over each row's own kept columns (sparse_row64).
+inline bool sparse_rows_reads_pruned(int64_t width) { return width != 64; }
+
+// Rows [0, rows) of OUT = diag(alpha) · COEF·B, each row restricted to its kept entries:
+// row r has coefficients coef + r·ldc (see sparse_rows_reads_pruned), its mask as a bitmap
+// at bitmaps + r·bw (ld / 8 bytes) and alpha[r] (1 when alpha is null); B is width floats
+// wide (a multiple of 8); OUT row r is out + r·ldo. `lists` is scratch of
+// ((rows + 1) / 2) · (ld + 8) ints. A 64-wide B goes one row at a time (see below).
+// Otherwise columns of B go in slices of 32 outside, rows in pairs inside: a 32-wide slice
+// of B (25 KB at N = 200) stays in L1 for all rows, where whole rows of B would stream
+// from L2.
+void sparse_rows(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_t bw, int64_t ld, const float* b,
+                 int64_t ldb, int64_t width, const float* alpha, int64_t rows, int32_t* lists, float* out,
+                 int64_t ldo);
+
+// Copies rows × width floats from a buffer with row stride lds to one with row stride ldd.
+void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t width, float* dst, int64_t ldd);
+
+// Which lower 8×8 tiles of L a caller reads: none (the mask reads upper blocks only), those
+// that share a token chunk with their row (the forward's matching reads the diagonal
+// blocks), or all (the backward).
+enum class Mirror { kNone, kDiagonalBlocks, kAll };
+
+// L = scale · X Xᵀ over the ld×ld square: upper 8×8 tiles by GEMM, the lower ones the
+// caller reads mirrored (QQᵀ is symmetric). Padding rows/columns come out 0 since X's
+// padding rows are 0.
+void compute_logits(const Geometry& g, const float* x, const float* xt, float scale, Mirror mirror, float* logits);
+
+// Row i of L = scale · X Xᵀ recomputed from X (padded rows, 0 past N) into `row` (ld
+// floats), for the forward, whose logits tile has become E by then.
+void logit_row(const Geometry& g, const float* x, float scale, int64_t i, float* row);
+
+// X gathered, Xᵀ, and L (the shared first steps of every entry point).
+void load_logits(const Geometry& g, const float* qk, const int64_t* stride, int64_t pair, int64_t heads,
+                 float scale, Mirror mirror, Workspace& ws);
+
+}  // namespace bspf::cpu::avx2

@@ -1,0 +1,329 @@
+// The AVX2 path's keep mask (selection.h).
+#include "selection.h"
+
+#include <immintrin.h>
+
+#include <climits>
+#include <cstring>
+
+namespace bspf::cpu::avx2 {
+namespace {
+
+// Float → int32 whose signed order is the float order; -0 counts as +0 and NaN as -inf
+// (NaN ranks last, as in the portable path).
+inline __m256i order_key(__m256 s) {
+  s = _mm256_add_ps(s, _mm256_setzero_ps());  // -0 + 0 = +0
+  s = _mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), s, _mm256_cmp_ps(s, s, _CMP_ORD_Q));
+  const __m256i bits = _mm256_castps_si256(s);
+  const __m256i flip = _mm256_and_si256(_mm256_srai_epi32(bits, 31), _mm256_set1_epi32(0x7FFFFFFF));
+  return _mm256_xor_si256(bits, flip);
+}
+
+// How many of `count` keys are ≥ threshold.
+inline int64_t count_at_least(const int32_t* keys, int64_t count, int32_t threshold) {
+  const __m256i t = _mm256_set1_epi32(threshold);
+  __m256i below0 = _mm256_setzero_si256(), below1 = _mm256_setzero_si256();
+  int64_t e = 0;
+  for (; e + 16 <= count; e += 16) {
+    const __m256i k0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e));
+    const __m256i k1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e + 8));
+    below0 = _mm256_sub_epi32(below0, _mm256_cmpgt_epi32(t, k0));
+    below1 = _mm256_sub_epi32(below1, _mm256_cmpgt_epi32(t, k1));
+  }
+  if (e < count)
+    below0 = _mm256_sub_epi32(
+        below0, _mm256_cmpgt_epi32(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e))));
+  return count - hsum_epi32(_mm256_add_epi32(below0, below1));
+}
+
+inline int32_t hmin_epi32(__m256i v) {
+  __m128i s = _mm_min_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_min_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_min_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline int32_t hmax_epi32(__m256i v) {
+  __m128i s = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_max_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_max_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// order_key for one float, and back (for keys of finite floats).
+inline int32_t key_of(float value) {
+  value += 0.0f;  // -0 → +0
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits < 0 ? bits ^ 0x7FFFFFFF : bits;
+}
+inline float value_of(int32_t key) {
+  const int32_t bits = key < 0 ? key ^ 0x7FFFFFFF : key;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// Where the k-th largest of n scores sits, in standard deviations from their mean, if
+// they were normally distributed: Φ⁻¹(1 − (k − ½) / n), by Acklam's rational
+// approximation (relative error ~1e-9, far more than a first guess needs).
+double normal_quantile_of_rank(int64_t k, int64_t n) {
+  const double p = 1.0 - (static_cast<double>(k) - 0.5) / static_cast<double>(n);
+  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+                             1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00};
+  static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
+                             6.680131188771972e+01, -1.328068155288572e+01};
+  static const double c[] = {-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+                             -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00};
+  static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+                             3.754408661907416e+00};
+  if (p <= 0.0) return -8.0;
+  if (p >= 1.0) return 8.0;
+  if (p < 0.02425 || p > 1.0 - 0.02425) {
+    const double q = __builtin_sqrt(-2.0 * __builtin_log(p < 0.5 ? p : 1.0 - p));
+    const double x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+                     ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0);
+    return p < 0.5 ? x : -x;
+  }
+  const double q = p - 0.5, r = q * q;
+  return (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
+         (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0);
+}
+
+// The keep rule's k of a block and where its k-th score is expected (see select_block).
+struct BlockRank {
+  int64_t k = 0;
+  double z = 0.0;        // normal_quantile_of_rank(k, block entries)
+  double density = 0.0;  // φ(z): the normal density there, per standard deviation
+};
+
+BlockRank block_rank(int64_t k, int64_t entries) {
+  BlockRank rank;
+  rank.k = k;
+  if (k > 0 && k < entries) {
+    rank.z = normal_quantile_of_rank(k, entries);
+    rank.density = 0.3989422804014327 * __builtin_exp(-0.5 * rank.z * rank.z);
+  }
+  return rank;
+}
+
+// Looks for the k-th largest of `real` keys (the others are padding) by searching the
+// score values between the smallest and largest key. Scores are smooth and roughly bell
+// shaped, so the first probe is where a normal distribution of their mean and standard
+// deviation puts the k-th largest, the second a Newton step on that model's count; after
+// that, interpolation on the counts within the bracket found so far, with a bisection
+// whenever an interpolation step fails to halve the bracket. Six passes over the keys on
+// average land between the k-th and the (k+1)-th at the target shape (eight from the
+// bracket [min, max] alone); the bisections bound the bad cases.
+//
+// On success *threshold is either a key with exactly k keys at or above it (*at_least =
+// k), or the k-th largest key itself (ties at it; *at_least > k). Returns false, to fall
+// back on the bisection over key bits, when a score is not finite or the search runs long.
+bool search_by_value(const int32_t* keys, int64_t count, int64_t real, const BlockRank& rank, double mean,
+                     double deviation, int32_t lowest_key, int32_t highest_key, int32_t* threshold,
+                     int64_t* at_least) {
+  const int64_t k = rank.k;
+  const float lowest = value_of(lowest_key), highest = value_of(highest_key);
+  const float inf = __builtin_inff();
+  if (!(lowest > -inf && highest < inf)) return false;  // also NaN, which ranks as -inf
+  if (real <= k) return false;
+  double lo = lowest, hi = highest;  // count(≥ lo) = c_lo ≥ k; count(≥ hi) = c_hi, < k unless lo = hi
+  int64_t c_lo = real, c_hi = count_at_least(keys, count, highest_key);
+  if (c_hi >= k) {  // the maximum itself is the k-th largest (ties at the top)
+    *threshold = highest_key;
+    *at_least = c_hi;
+    return true;
+  }
+  const bool model = deviation > 0.0 && rank.density > 0.0 && deviation < 1e30;
+  double last_width = hi - lo;
+  for (int step = 0; step < 24; ++step) {
+    double t;
+    if (step == 0 && model) {
+      t = mean + rank.z * deviation;
+    } else if (step == 1 && model) {
+      // Newton on the model's count, from whichever end of the bracket the first probe set.
+      const double probe = c_lo > k ? lo : hi, c = c_lo > k ? c_lo : c_hi;
+      t = probe + (c - static_cast<double>(k)) * deviation / (static_cast<double>(real) * rank.density);
+    } else if (hi - lo <= 0.5 * last_width) {
+      t = lo + (hi - lo) * ((static_cast<double>(c_lo - k) - 0.5) / static_cast<double>(c_lo - c_hi));
+    } else {
+      t = lo + (hi - lo) * 0.5;
+    }
+    last_width = hi - lo;
+    float candidate = static_cast<float>(t);
+    if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
+      candidate = static_cast<float>(lo + (hi - lo) * 0.5);
+      if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
+        // lo and hi are adjacent floats: lo is the k-th largest score.
+        *threshold = key_of(static_cast<float>(lo));
+        *at_least = c_lo;
+        return true;
+      }
+    }
+    const int32_t key = key_of(candidate);
+    const int64_t c = count_at_least(keys, count, key);
+    if (c == k) {
+      *threshold = key;
+      *at_least = k;
+      return true;
+    }
+    if (c > k) {
+      lo = candidate;
+      c_lo = c;
+    } else {
+      hi = candidate;
+      c_hi = c;
+    }
+  }
+  return false;
+}
+
+// Scores one upper block (SPEC §3.2: 3×3 conv of its logits, zero outside the block),
+// keeps its k best (§3.3) and returns the kept bits per row in `row_bits` and per column
+// (the mirrored block's rows) in `col_bits`.
+//
+// Selection is a bisection on the order keys for the k-th largest, without sorting: the
+// kept set is every key above it plus, among keys equal to it, the first ones in
+// row-major order. It stops early once some threshold splits off exactly k entries.
+void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                  const float* score_kernel, const BlockRank& rank, Workspace& ws, uint64_t* row_bits, uint64_t* col_bits) {
+  const int64_t k = rank.k;
+  const int64_t ts = round_up8(cols + 2) + kLanes;  // padded tile row: zero, cols values, zeros
+  const int64_t sp = round_up8(cols);               // key row stride
+  float* tile = ws.tile.data;
+  int32_t* keys = ws.keys.data;
+  const __m256 zero = _mm256_setzero_ps();
+
+  std::memset(tile, 0, sizeof(float) * ts);
+  std::memset(tile + (rows + 1) * ts, 0, sizeof(float) * ts);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* t = tile + (i + 1) * ts;
+    const float* src = logits + (r0 + i) * g.ld + c0;
+    t[0] = 0.0f;
+    for (int64_t j = 0; j < cols; j += kLanes) _mm256_storeu_ps(t + 1 + j, _mm256_loadu_ps(src + j));
+    _mm256_storeu_ps(t + 1 + cols, zero);  // what the last vector copied past the block
+  }
+
+  __m256 w[9];
+  for (int e = 0; e < 9; ++e) w[e] = _mm256_set1_ps(score_kernel[e]);
+  const __m256i padding = _mm256_set1_epi32(INT_MIN);  // below every real key
+  __m256i lowest = _mm256_set1_epi32(INT_MAX), highest = padding;
+  __m256 sum = zero, sum_squares = zero;  // of the scores: the search's first guess
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < sp; j += kLanes) {
+      __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(tile + i * ts + j));
+      for (int e = 1; e < 9; ++e)
+        s = _mm256_fmadd_ps(w[e], _mm256_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
+      __m256i key = order_key(s);
+      highest = _mm256_max_epi32(highest, key);
+      if (j + kLanes > cols) {
+        const __m256 real = lane_mask(cols - j);
+        const __m256i real_i = _mm256_castps_si256(real);
+        lowest = _mm256_min_epi32(lowest, _mm256_blendv_epi8(_mm256_set1_epi32(INT_MAX), key, real_i));
+        key = _mm256_blendv_epi8(padding, key, real_i);
+        s = _mm256_and_ps(s, real);
+      } else {
+        lowest = _mm256_min_epi32(lowest, key);
+      }
+      sum = _mm256_add_ps(sum, s);
+      sum_squares = _mm256_fmadd_ps(s, s, sum_squares);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), key);
+    }
+  const double entries = static_cast<double>(rows * cols);
+  const double mean = hsum(sum) / entries;
+  const double variance = hsum(sum_squares) / entries - mean * mean;
+  const double deviation = variance > 0.0 ? __builtin_sqrt(variance) : 0.0;  // 0 (no model) for NaN too
+
+  const int64_t rp = round_up8(rows);
+  for (int64_t i = rows; i < rp; ++i)
+    for (int64_t j = 0; j < sp; j += kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), padding);
+
+  const int64_t count = rp * sp;
+  int32_t threshold = 0;
+  int64_t at_least = 0;
+  if (!search_by_value(keys, count, rows * cols, rank, mean, deviation, hmin_epi32(lowest), hmax_epi32(highest),
+                       &threshold, &at_least)) {
+    // Bisection in unsigned key space (u = key ^ 2^31): the largest u with ≥ k keys at or above it.
+    uint32_t u = 0;
+    at_least = count;
+    for (int bit = 31; bit >= 0 && at_least != k; --bit) {
+      const uint32_t candidate = u | (uint32_t{1} << bit);
+      const int64_t c = count_at_least(keys, count, static_cast<int32_t>(candidate ^ 0x80000000u));
+      if (c >= k) {
+        u = candidate;
+        at_least = c;
+      }
+    }
+    threshold = static_cast<int32_t>(u ^ 0x80000000u);
+  }
+  if (at_least == k) {
+    // Exactly the keys ≥ threshold (> INT_MIN, so padding never counts). The mirror's
+    // bits come from the same test on the transposed keys.
+    const __m256i below = _mm256_set1_epi32(threshold - 1);
+    auto bits_of = [&](const int32_t* row, int64_t width) {
+      uint64_t bits = 0;
+      for (int64_t j = 0; j < width; j += kLanes) {
+        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+        bits |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, below)))) << j;
+      }
+      return bits;
+    };
+    for (int64_t i = 0; i < rows; ++i) row_bits[i] = bits_of(keys + i * sp, sp);
+    int32_t* keys_t = keys + 64 * 64;
+    const float* kf = reinterpret_cast<const float*>(keys);
+    transpose(kf, sp, rp, sp, reinterpret_cast<float*>(keys_t), rp);
+    for (int64_t j = 0; j < cols; ++j) col_bits[j] = bits_of(keys_t + j * rp, rp);
+    return;
+  }
+  // Ties at the k-th key: keys above it, then equal ones in row-major order.
+  // #(key > threshold) = #(key ≥ threshold + 1); threshold < INT_MAX since it is a real key.
+  const __m256i t = _mm256_set1_epi32(threshold);
+  int64_t need = k - count_at_least(keys, count, threshold + 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    uint64_t greater = 0, equal = 0;
+    for (int64_t j = 0; j < sp; j += kLanes) {
+      const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + j));
+      greater |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, t)))) << j;
+      equal |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, t)))) << j;
+    }
+    for (; need > 0 && equal; --need) {
+      greater |= equal & (~equal + 1);  // lowest set bit
+      equal &= equal - 1;
+    }
+    row_bits[i] = greater;
+  }
+  for (int64_t j = 0; j < cols; ++j) col_bits[j] = 0;
+  for (int64_t i = 0; i < rows; ++i)
+    for (uint64_t b = row_bits[i]; b; b &= b - 1) col_bits[__builtin_ctzll(b)] |= uint64_t{1} << i;
+}
+
+}  // namespace
+
+void compute_mask_words(const Geometry& g, const float* logits, const float* score_kernel, const KeepCounts& keep,
+                        Workspace& ws, uint64_t* words) {
+  const int64_t C = g.chunks;
+  std::memset(words, 0, sizeof(uint64_t) * g.n * C);
+  for (int64_t m = 0; m < C; ++m)
+    for (int64_t i = g.begin(m); i < g.begin(m) + g.size(m); ++i) words[i * C + m] = low_bits(g.size(m));
+  uint64_t row_bits[64], col_bits[64];
+  // Upper blocks have full rows; their columns are full or the last chunk.
+  const BlockRank full = block_rank(keep.full, g.omega * g.omega), tail = block_rank(keep.tail, g.omega * g.last);
+  for (int64_t m = 0; m + 1 < C; ++m) {
+    const int64_t r0 = g.begin(m), rows = g.size(m);
+    for (int64_t bn = m + 1; bn < C; ++bn) {
+      const int64_t c0 = g.begin(bn), cols = g.size(bn);
+      const BlockRank& rank = bn == C - 1 ? tail : full;
+      if (rank.k <= 0) continue;
+      if (rank.k >= rows * cols) {
+        for (int64_t i = 0; i < rows; ++i) row_bits[i] = low_bits(cols);
+        for (int64_t j = 0; j < cols; ++j) col_bits[j] = low_bits(rows);
+      } else {
+        select_block(g, logits, r0, rows, c0, cols, score_kernel, rank, ws, row_bits, col_bits);
+      }
+      for (int64_t i = 0; i < rows; ++i) words[(r0 + i) * C + bn] = row_bits[i];
+      for (int64_t j = 0; j < cols; ++j) words[(c0 + j) * C + m] = col_bits[j];
+    }
+  }
+}
+
+}  // namespace bspf::cpu::avx2

@@ -1,0 +1,207 @@
+// The AVX2 path's probabilities, fused weights and row sums (softmax_fusion.h).
+#include "softmax_fusion.h"
+
+#include <immintrin.h>
+
+#include "gemm.h"
+
+namespace bspf::cpu::avx2 {
+namespace {
+
+// Below this a row's sum of exps under the common shift is refused: the row's maximum is
+// then more than 40 − ln N below the shift, and its entries near the maximum would come
+// closer than e^-35 to float32's smallest normal number. Above it, whatever underflows
+// weighs less than e^-35 of the row, far below float32's resolution of the sum.
+constexpr float kSmallestSum = 4.24835426e-18f;  // e^-40
+
+// A row of the forward is trusted when what float32 may have lost of it is below this
+// fraction of its sum (2^-24, float32's unit roundoff).
+constexpr float kResolution = 5.96046448e-8f;
+
+// Row i of E with the row's own maximum as its shift, for the rows whose sum under the
+// common shift is too small for float32 (a token of small norm beside one of large norm)
+// or not finite: L_i recomputed from X into `row`, then E_i = exp(L_i − max_i) in place,
+// 0 in the padding. Returns max_i.
+float row_shifted_exps(const Geometry& g, const float* x, float scale, int64_t i, float* row) {
+  logit_row(g, x, scale, i, row);
+  const int64_t full = g.n / kLanes * kLanes;
+  const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
+  __m256 mx = neg_inf;
+  for (int64_t j = 0; j < full; j += kLanes) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + j));
+  if (full < g.n) mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(row + full), lane_mask(g.n - full)));
+  const float row_max = hmax(mx);
+  probs_row(g, row, row_max);
+  return row_max;
+}
+
+// Row i moves share · H · source(j) to row b(i) on the columns j it prunes and b(i) keeps
+// (SPEC §3.7; its own chunk is kept by both rows, so it never moves), one column chunk at
+// a time (H is constant per chunk), 8 columns per step under the chunk's moved bits.
+// Returns the sum added to `target`.
+//
+// A chunk's last vector reaches past it (into the next chunk, the padding, or for a short
+// last chunk the next row's first columns) with its bits 0 there, so it adds +0 to
+// values ≥ 0 and changes nothing; rows have a vector of slack at the square's end.
+float fuse_row(const Geometry& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
+               float* target) {
+  __m256 added = _mm256_setzero_ps();
+  const int64_t chunks = g.chunks;
+  for (int64_t c = 0; c < chunks; ++c) {
+    uint64_t moved = ~wi[c] & wp[c];
+    if (!moved) continue;  // its own chunk, and any other whose moved set is empty
+    const __m256 h = _mm256_set1_ps(share * g.similarity(c, __builtin_popcountll(wi[c] ^ wp[c])));
+    const int64_t begin = g.begin(c), size = g.size(c);
+    for (int64_t j = 0; j < size; j += kLanes, moved >>= 8) {  // a fixed count: predictable
+      const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
+                                         _mm256_mul_ps(h, _mm256_loadu_ps(source + begin + j)));
+      _mm256_storeu_ps(target + begin + j, _mm256_add_ps(_mm256_loadu_ps(target + begin + j), value));
+      added = _mm256_add_ps(added, value);
+    }
+  }
+  return hsum(added);
+}
+
+}  // namespace
+
+void probs_row(const Geometry& g, float* row, float lse) {
+  const __m256 vlse = _mm256_set1_ps(lse), zero = _mm256_setzero_ps();
+  for (int64_t j = 0; j < g.ld; j += kLanes) {
+    __m256 p = exp256(_mm256_min_ps(zero, _mm256_sub_ps(_mm256_loadu_ps(row + j), vlse)));
+    if (j + kLanes > g.n) p = _mm256_and_ps(p, lane_mask(g.n - j));
+    _mm256_storeu_ps(row + j, p);
+  }
+}
+
+float logit_bound(const Geometry& g, const float* logits) {
+  float bound = 0.0f;
+  for (int64_t i = 0; i < g.n; ++i) {
+    const float diagonal = __builtin_fabsf(logits[i * g.ld + i]);
+    bound = diagonal > bound || diagonal != diagonal ? diagonal : bound;
+  }
+  return bound;
+}
+
+void shifted_exps(const Geometry& g, float shift, float* square) {
+  const __m256 vshift = _mm256_set1_ps(shift);
+  for (int64_t i = 0; i < g.ld; ++i) {
+    const float* l = square + i * g.ld;
+    float* e = square + i * g.ld;
+    for (int64_t j = i & ~int64_t{7}; j < g.ld; j += kLanes) {
+      __m256 v = _mm256_setzero_ps();
+      if (i < g.n) {
+        v = exp256(_mm256_sub_ps(_mm256_loadu_ps(l + j), vshift));
+        if (j + kLanes > g.n) v = _mm256_and_ps(v, lane_mask(g.n - j));
+      }
+      _mm256_storeu_ps(e + j, v);
+    }
+  }
+  for (int64_t i = 8; i < g.ld; i += 8)
+    for (int64_t j = 0; j < i; j += 8) transpose8(square + j * g.ld + i, g.ld, square + i * g.ld + j, g.ld);
+}
+
+void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) {
+  const int64_t count = g.ld / 64 + 1;
+  for (int64_t w = 0; w < count; ++w) bitmap[w] = 0;
+  for (int64_t c = 0; c < g.chunks; ++c) {
+    const int64_t at = g.begin(c), shift = at % 64;
+    const uint64_t word = row_words[c];
+    bitmap[at / 64] |= word << shift;
+    if (shift + g.size(c) > 64) bitmap[at / 64 + 1] |= word >> (64 - shift);
+  }
+}
+
+void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint64_t* words, const int32_t* match,
+                   const float* rho, bool fuse, uint64_t* bitmaps, float* weights, float* row_sum) {
+  const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r0 + r;
+    uint64_t* bitmap = bitmaps + r * bw;
+    row_bitmap(g, words + i * g.chunks, bitmap);
+    const float* p = probs + i * g.ld;
+    float* w = weights + r * g.ld;
+    __m256 sum = _mm256_setzero_ps();
+    uint64_t bits = 0;
+    for (int64_t j = 0; j < g.ld; j += kLanes) {
+      if (j % 64 == 0) bits = bitmap[j / 64];
+      const __m256 kept = _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), _mm256_loadu_ps(p + j));
+      bits >>= 8;
+      _mm256_storeu_ps(w + j, kept);
+      sum = _mm256_add_ps(sum, kept);
+    }
+    row_sum[r] = hsum(sum);
+  }
+  if (!fuse) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r0 + r, target_row = match[i] - r0;
+    if (target_row == r || !(rho[i] > 0.0f)) continue;
+    row_sum[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, rho[i], probs + i * g.ld,
+                                    weights + target_row * g.ld);
+  }
+}
+
+bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scale, float shift, float* exps,
+                        const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
+                        float* lse, float* log_row_sum, float* alpha) {
+  const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
+  float total[64], kept[64], lost[64];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r0 + r;
+    uint64_t* bitmap = bitmaps + r * bw;
+    row_bitmap(g, words + i * g.chunks, bitmap);
+    float* row = exps + i * g.ld;
+    float row_shift = shift;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      __m256 sum = _mm256_setzero_ps(), kept_sum = sum;
+      uint64_t bits = 0;
+      for (int64_t j = 0; j < g.ld; j += kLanes) {
+        if (j % 64 == 0) bits = bitmap[j / 64];
+        const __m256 e = _mm256_loadu_ps(row + j);
+        sum = _mm256_add_ps(sum, e);
+        kept_sum = _mm256_add_ps(kept_sum, _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), e));
+        bits >>= 8;
+      }
+      total[r] = hsum(sum);
+      kept[r] = hsum(kept_sum);
+      if (total[r] >= kSmallestSum && total[r] <= __FLT_MAX__) break;
+      row_shift = row_shifted_exps(g, x, scale, i, row);
+    }
+    lse[r] = row_shift + __builtin_logf(total[r]);
+    lost[r] = 1.0f;
+  }
+  if (fuse) {
+    // In place: a row's fused-into entries are ones it keeps, its fused-out entries ones it prunes.
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = r0 + r, target_row = match[i] - r0;
+      if (target_row == r || !(rho[i] > 0.0f)) continue;
+      const float share = rho[i] * (total[target_row] / total[r]);
+      kept[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, share, exps + i * g.ld,
+                                   exps + match[i] * g.ld);
+      lost[target_row] += share;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    // An entry of E below float32's smallest normal number is lost: at most N per row that
+    // adds into row r, each weighing under FLT_MIN · (1 for the row itself, share for a
+    // fused row) in row r's units. Once that can reach kResolution of the row's sum (all
+    // its kept entries far below its maximum: extreme logits), or the sum is not finite,
+    // this path is not exact enough.
+    if (!(kept[r] * kResolution >= lost[r] * static_cast<float>(g.n) * __FLT_MIN__) || !(kept[r] <= __FLT_MAX__))
+      return false;
+    log_row_sum[r] = __builtin_logf(kept[r]) - __builtin_logf(total[r]);
+    alpha[r] = 1.0f / kept[r];
+  }
+  return true;
+}
+
+void zero_pruned(const Geometry& g, int64_t m, const uint64_t* bitmaps, float* exps) {
+  const int64_t bw = bitmap_words(g);
+  for (int64_t r = 0; r < g.size(m); ++r) {
+    float* row = exps + (g.begin(m) + r) * g.ld;
+    for (int64_t j = 0; j < g.ld; j += kLanes) {
+      const __m256 kept = expand_bits(bitmap_byte(bitmaps + r * bw, j));
+      _mm256_storeu_ps(row + j, _mm256_and_ps(kept, _mm256_loadu_ps(row + j)));
+    }
+  }
+}
+
+}  // namespace bspf::cpu::avx2

@@ -1,0 +1,85 @@
+// The AVX2 path's probabilities and fusion (SPEC §3.4–3.8): exps under a shift, rows of
+// R = P ⊙ M + F with their sums, the masks as per-row bitmaps.
+#pragma once
+
+#include <cstdint>
+
+#include "workspace.h"
+
+namespace bspf::cpu::avx2 {
+
+// The backward forms A = R / Z and dR = (…) / Z from P = exp(L − lse) in linear space: exact
+// enough while Z_i >= e^-41 (what underflows of P then weighs under 1e-20 of Z_i, and 1 / Z_i
+// is far from overflow). A pair with a smaller Z_i goes to the portable path.
+constexpr float kSmallestLogRowSum = -41.0f;
+
+// exp(row − shift) in place, 0 in the padding: a row of P from its saved lse (the
+// backward), or a forward row with its own maximum (row_shifted_exps).
+//
+// log P <= 0, but at logits of 1e8 float32's rounding of L and lse can put L above lse
+// by tens: the exponent is capped at 0 (a NaN stays NaN: min_ps returns its second
+// operand when either is NaN).
+void probs_row(const Geometry& g, float* row, float lse);
+
+// A shift no logit exceeds: |L_ij| = |scale · x_i·x_j| ≤ |scale| · max_k ‖x_k‖² = max_k |L_kk|
+// (Cauchy–Schwarz), up to a rounding that exp does not mind. Not finite when X is not.
+float logit_bound(const Geometry& g, const float* logits);
+
+// The ld×ld square L becomes E = exp(L − shift) in place, 0 in the padding rows and
+// columns (one square, not two: at N = 577 each is 1.4 MB of a 2 MB L2). With one shift
+// for every row E is symmetric like L: only the upper 8×8 tiles are exponentiated (all
+// that is read of L), the lower ones mirrored, so half the exps of a row-by-row softmax,
+// and no row maxima.
+void shifted_exps(const Geometry& g, float shift, float* square);
+
+// A row's mask words as one bit per column, so that 8 columns are one byte.
+void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap);
+
+inline uint32_t bitmap_byte(const uint64_t* bitmap, int64_t j) {  // bits of columns [j, j + 8), j % 8 == 0
+  return static_cast<uint32_t>(bitmap[j / 64] >> (j % 64)) & 0xFFu;
+}
+
+// Calls fn(j, similarity) for every pruned entry (i, j) whose target (b(i), j) is kept
+// (SPEC §3.6–3.7), as the portable path does.
+template <typename Fn>
+inline void for_each_fused_entry(const Geometry& g, int64_t i, const uint64_t* words, const int32_t* match,
+                                 const float* rho, Fn&& fn) {
+  const int64_t C = g.chunks, p = match[i];
+  if (p == i || !(rho[i] > 0.0f)) return;
+  const int64_t own = i / g.omega;
+  for (int64_t c = 0; c < C; ++c) {
+    if (c == own) continue;
+    const uint64_t wi = words[i * C + c], wp = words[p * C + c];
+    uint64_t moved = ~wi & wp & low_bits(g.size(c));
+    if (!moved) continue;
+    const float similarity = g.similarity(c, __builtin_popcountll(wi ^ wp));
+    for (; moved; moved &= moved - 1) fn(g.begin(c) + __builtin_ctzll(moved), similarity);
+  }
+}
+
+inline int64_t bitmap_words(const Geometry& g) { return g.ld / 64 + 1; }
+
+// Rows of chunk m of R = P ⊙ M + F (SPEC §3.8) into `weights` (row r = token begin(m) + r)
+// and their sums Z into row_sum[r] (the backward, from P). Fusion stays inside the chunk
+// (b(i) is in it). Scratch: `bitmaps` holds Ω · bitmap_words(g) words.
+void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint64_t* words, const int32_t* match,
+                   const float* rho, bool fuse, uint64_t* bitmaps, float* weights, float* row_sum);
+
+// The forward's rows of chunk m, in place in E (see shifted_exps). With P_i = E_i / T_i and
+// T_i = Σ_j E_i(j), row i becomes R'_i = T_i · R_i on its kept entries: E_i plus the
+// fusion of SPEC §3.7 in the row's own units. Its pruned entries keep E_i (the fusion reads
+// them; A·V skips them). Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j). A row
+// whose T_i is too small or not finite is recomputed from X (rows, `scale`) with its own
+// maximum as the shift. Saves lse_i and log Z_i. Scratch: `bitmaps` holds
+// Ω · bitmap_words(g) words (left holding the rows' masks).
+//
+// Returns false when some row cannot be trusted in float32 this way (see kResolution), and
+// the pair must go to the portable path, which works in log space.
+bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scale, float shift, float* exps,
+                        const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
+                        float* lse, float* log_row_sum, float* alpha);
+
+// Zeroes the pruned entries of rows of chunk m of E (their masks in `bitmaps`).
+void zero_pruned(const Geometry& g, int64_t m, const uint64_t* bitmaps, float* exps);
+
+}  // namespace bspf::cpu::avx2

@@ -1,0 +1,127 @@
+// Vector helpers of the AVX2+FMA path: horizontal reductions, lane masks, padded copies,
+// exp, dot products, 8×8 transposes. Inline, and included by the path's files only: the
+// portable path never sees a function compiled with AVX2 (see csrc/cpu/kernels.h).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace bspf::cpu::avx2 {
+
+constexpr int64_t kLanes = 8;
+
+inline int64_t round_up8(int64_t n) { return (n + 7) & ~int64_t{7}; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1; }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int64_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Lanes [0, n) all ones, the rest zero (n in [0, 8]).
+inline __m256 lane_mask(int64_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
+}
+
+// Lane l all ones where bit l of `bits` is set.
+inline __m256 expand_bits(uint32_t bits) {
+  const __m256i select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i b = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), select);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, select));
+}
+
+// dst[0..round_up8(width)) = src[0..width) then zeros; reads nothing past src[width).
+inline void copy_padded(const float* src, int64_t width, float* dst) {
+  int64_t k = 0;
+  for (; k + kLanes <= width; k += kLanes) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(src + k));
+  if (k < width) {
+    const __m256i lanes = _mm256_castps_si256(lane_mask(width - k));
+    _mm256_storeu_ps(dst + k, _mm256_maskload_ps(src + k, lanes));
+  }
+}
+
+// dst[0..width) = src[0..width); writes nothing past dst[width).
+inline void copy_exact(const float* src, int64_t width, float* dst) {
+  int64_t k = 0;
+  for (; k + kLanes <= width; k += kLanes) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(src + k));
+  if (k < width) _mm256_maskstore_ps(dst + k, _mm256_castps_si256(lane_mask(width - k)), _mm256_loadu_ps(src + k));
+}
+
+// exp(x) to about 2 ulp (measured over [-87, 88]); inputs below -88 give 0 or a value
+// below 1e-38. Rounding to the nearest integer n = round(x · log2 e) by adding 1.5 · 2^23
+// leaves n in the low mantissa bits, which become 2^n's exponent field directly; e^r on
+// |r| ≤ ln2 / 2 is 1 + r + r² · q(r) with a degree-4 q fitted for relative error.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.0f));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: n · hi is exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.357120811007917e-3f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.372687734663486e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.167356714606285e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666479408740997e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.9999967217445374e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float dot(const float* a, const float* b, int64_t padded_len) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= padded_len; k += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+  }
+  if (k < padded_len) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// dst (8×8, row stride ldd) = transpose of src (8×8, row stride lds).
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    r[h + 0] = _mm256_shuffle_ps(t[h + 0], t[h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 1] = _mm256_shuffle_ps(t[h + 0], t[h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// dst (cols×rows) = srcᵀ for src (rows×cols); rows and cols multiples of 8.
+inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t i = 0; i < rows; i += 8)
+    for (int64_t j = 0; j < cols; j += 8) transpose8(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+}
+
+}  // namespace bspf::cpu::avx2

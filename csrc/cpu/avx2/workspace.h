@@ -1,0 +1,95 @@
+// One (batch, head) pair's geometry and the per-thread scratch memory of the AVX2 path.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../kernels.h"
+#include "vector.h"
+
+namespace bspf::cpu::avx2 {
+
+// cos(x, y) = x·y / max(‖x‖‖y‖, eps) (SPEC §3.5), in float.
+constexpr float kCosEps = static_cast<float>(kCosineEps);
+
+struct Geometry {
+  int64_t n, d, dv;     // sizes
+  int64_t omega, chunks, last;  // chunk size, count, size of the last chunk
+  int64_t ld;           // N rounded up to 8: row stride of every N×N buffer
+  int64_t dp, dvp;      // D and Dv rounded up to 8
+  Geometry(const Problem& p)
+      : n(p.seqlen), d(p.head_dim), dv(p.value_dim), omega(p.block_size),
+        chunks((p.seqlen + p.block_size - 1) / p.block_size),
+        last(p.seqlen - ((p.seqlen + p.block_size - 1) / p.block_size - 1) * p.block_size),
+        ld(round_up8(p.seqlen)), dp(round_up8(p.head_dim)), dvp(round_up8(p.value_dim)) {
+    for (int pc = 0; pc <= 64; ++pc) {
+      similarity_full[pc] = 1.0f - static_cast<float>(pc) / static_cast<float>(omega);
+      similarity_last[pc] = 1.0f - static_cast<float>(pc) / static_cast<float>(last);
+    }
+  }
+  // H = 1 − popcount / |chunk| for each popcount, as the portable path computes it
+  // (SPEC §3.6), so the fusion loop does no division.
+  float similarity_full[65], similarity_last[65];
+  int64_t begin(int64_t c) const { return c * omega; }
+  int64_t size(int64_t c) const { return c == chunks - 1 ? last : omega; }
+  float similarity(int64_t c, int popcount) const {
+    return c == chunks - 1 ? similarity_last[popcount] : similarity_full[popcount];
+  }
+  int64_t square() const { return ld * ld + kLanes; }  // + slack: the score tiles read a vector past a row
+};
+
+// One 64-byte aligned array that grows on demand (contents are not kept when it grows).
+template <typename T>
+struct Array {
+  T* data = nullptr;
+  int64_t capacity = 0;
+  Array() = default;
+  Array(const Array&) = delete;
+  Array& operator=(const Array&) = delete;
+  ~Array() { std::free(data); }
+  bool reserve(int64_t count) {
+    if (count <= capacity) return true;
+    std::free(data);
+    const int64_t bytes = ((count * static_cast<int64_t>(sizeof(T)) + 63) / 64) * 64;
+    data = static_cast<T*>(std::aligned_alloc(64, static_cast<size_t>(bytes)));
+    capacity = data ? count : 0;
+    if (data) std::memset(data, 0, static_cast<size_t>(bytes));  // slack past the rows stays finite
+    return data != nullptr;
+  }
+};
+
+// Copies one (b, h) slice of a strided (B, H, N, width) tensor into a dense rows×padded
+// buffer, zero in the padding rows and columns.
+inline void gather(const float* base, const int64_t* stride, int64_t pair, int64_t heads, int64_t n, int64_t width,
+            int64_t rows, int64_t padded, float* dst) {
+  const float* src = base + (pair / heads) * stride[0] + (pair % heads) * stride[1];
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = dst + i * padded;
+    if (i >= n) {
+      for (int64_t k = 0; k < padded; k += kLanes) _mm256_storeu_ps(row + k, _mm256_setzero_ps());
+      continue;
+    }
+    const float* s = src + i * stride[2];
+    if (stride[3] == 1) {
+      copy_padded(s, width, row);
+    } else {
+      for (int64_t k = 0; k < width; ++k) row[k] = s[k * stride[3]];
+      for (int64_t k = width; k < padded; ++k) row[k] = 0.0f;
+    }
+  }
+}
+
+// Scratch of one thread. Members sized per call by reserve().
+struct Workspace {
+  Array<float> x, xt, v, vt, g, dx, dv;        // X, Xᵀ, V, Vᵀ, dOut, dX, dV (padded rows)
+  Array<float> logits, weights, grad, work;    // ld×ld squares
+  Array<float> tile, small, out_row, column;
+  Array<int32_t> keys, lists;
+  Array<uint64_t> bitmap;
+};
+
+// Reserves the scratch every entry point needs (the backward reserves more on top).
+bool reserve_forward(const Geometry& g, Workspace& ws);
+
+}  // namespace bspf::cpu::avx2
