@@ -161,10 +161,9 @@ class BlockSymmetricAttention(nn.Module):
     W = softmax over the 9 entries of (θ + θᵀ)/2 (θ = 0 is the box filter); "box" is the
     fixed box filter; "center" scores each entry by its own logit (the "one token" ablation).
 
-    θ gets exactly zero gradient through the operator (W only moves the discrete mask,
-    SPEC §4), so it is created frozen (requires_grad=False): otherwise an optimiser with
-    decoupled weight decay would silently pull it towards 0 with no gradient to balance it.
-    It is still a parameter, saved and loaded with the state_dict.
+    W only moves the discrete mask, so its true gradient is zero (SPEC §4); θ learns through
+    the surrogate gradient of docs/spec.md §4a (a straight-through relaxation of each
+    block's top-k; the forward is unchanged).
 
     Not supported, and refused with a ValueError: attn_drop > 0 (the attention
     probabilities never exist outside the fused operator), and `attn_mask` or
@@ -215,7 +214,7 @@ class BlockSymmetricAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(_check_dropout("proj_drop", proj_drop))
         if scoring == "learned":
-            self.theta = nn.Parameter(torch.zeros(3, 3), requires_grad=False)
+            self.theta = nn.Parameter(torch.zeros(3, 3))
         else:
             self.register_parameter("theta", None)
 
@@ -266,6 +265,7 @@ class BlockSymmetricAttention(nn.Module):
             keep_ratio=self.keep_ratio,
             fuse=self.fuse,
             scale=self.scale,
+            score_kernel_grad="surrogate" if self.scoring == "learned" else "zero",
         )
         x = x.to(out_dtype).transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(self.norm(x)))

@@ -227,12 +227,14 @@ def block_symmetric_attention(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
     match: torch.Tensor | None = None,
+    score_kernel_grad: str = "zero",
 ) -> torch.Tensor:
     """BSPF attention, SPEC §3. Differentiable in qk and v (SPEC §4).
 
     `mask` and `match` override the discrete choices; tests use them to compare a
     low-precision kernel with a float64 reference that makes the kernel's own choices
-    (SPEC §6, near-ties).
+    (SPEC §6, near-ties). `score_kernel_grad="surrogate"` gives score_kernel the surrogate
+    gradient of docs/spec.md §4a (computed in linear space: not for extreme logits).
     """
     _check(qk, block_size, keep_ratio)
     if score_kernel is None:
@@ -240,6 +242,11 @@ def block_symmetric_attention(
     n = qk.shape[-2]
     if n == 0 or qk.numel() == 0:
         return qk.new_zeros(*qk.shape[:-1], v.shape[-1]) + 0 * v.sum()
+    if score_kernel_grad == "surrogate":
+        return _surrogate_attention(qk, v, score_kernel, block_size, keep_ratio, fuse, _resolve_scale(qk, scale),
+                                    mask, match)
+    if score_kernel_grad != "zero":
+        raise ValueError(f"score_kernel_grad must be 'zero' or 'surrogate', got {score_kernel_grad!r}")
 
     logits = _logits(qk, _resolve_scale(qk, scale))
     if mask is None:
@@ -274,3 +281,65 @@ def block_symmetric_attention(
 
     attn = weights / weights.sum(-1, keepdim=True)
     return attn @ v
+
+
+def _relaxed_mask(logits: torch.Tensor, score_kernel: torch.Tensor, block_size: int, keep_ratio: float,
+                  anchor_kernel: torch.Tensor) -> torch.Tensor:
+    """M̃ (docs/spec.md §4a): σ((S − τ) / T) on upper blocks with a choice, mirrored, and 0
+    elsewhere; differentiable in score_kernel only (the logits are taken as constants).
+    τ and T are those of the scores under `anchor_kernel` (constants)."""
+    *batch, n, _ = logits.shape
+    omega, chunks = block_size, num_chunks(n, block_size)
+    padded = chunks * omega
+    device = logits.device
+    scores = _block_scores(logits.detach(), score_kernel, block_size)  # (batch, C, C, Ω·Ω)
+    anchored = _block_scores(logits.detach(), anchor_kernel.detach(), block_size)
+    sizes = _chunk_sizes(n, omega, device)
+    local = torch.arange(omega, device=device)
+    row_valid = local[None, :] < sizes[:, None]
+    valid = (row_valid[:, None, :, None] & row_valid[None, :, None, :]).reshape(chunks, chunks, omega * omega)
+    relaxed = scores * 0  # blocks without a choice: zero, still a function of score_kernel
+    chunk_list = sizes.tolist()
+    for m in range(chunks):
+        for c in range(m + 1, chunks):
+            count = chunk_list[m] * chunk_list[c]
+            k = keep_count(keep_ratio, chunk_list[m], chunk_list[c])
+            if not 1 <= k < count:
+                continue
+            block = scores[:, m, c][:, valid[m, c]]  # (batch, count), row-major
+            fixed = anchored[:, m, c][:, valid[m, c]]
+            ranked = fixed.sort(dim=-1, descending=True).values
+            threshold = 0.5 * (ranked[:, k - 1] + ranked[:, k])
+            spread = fixed.std(dim=-1, unbiased=False)
+            soft = torch.sigmoid((block - threshold[:, None]) / spread[:, None].clamp_min(1e-300))
+            soft = torch.where(spread[:, None] > 0, soft, soft.detach())
+            relaxed[:, m, c, valid[m, c]] = soft
+    upper = relaxed.reshape(-1, chunks, chunks, omega, omega)
+    full = upper + upper.transpose(1, 2).transpose(-1, -2)
+    return full.transpose(2, 3).reshape(-1, padded, padded)[:, :n, :n].reshape(*batch, n, n)
+
+
+def _surrogate_attention(qk, v, score_kernel, block_size, keep_ratio, fuse, scale, mask, match, anchor_kernel=None):
+    """SPEC §3 in linear space with the mask as a real number M + M̃(W) − M̃(W₀), H and b(i)
+    held fixed (docs/spec.md §4a). W₀ = `anchor_kernel`, by default the value of W itself:
+    then the mask equals M and carries the gradient of M̃ (the surrogate). With another
+    anchor it is a smooth function of W whose derivative at W = W₀ is the surrogate
+    (what tests check with gradcheck)."""
+    logits = _logits(qk, scale)
+    anchor = score_kernel.detach() if anchor_kernel is None else anchor_kernel
+    if mask is None:
+        mask = _keep_mask_from_logits(logits.detach(), anchor, block_size, keep_ratio)
+    mask = mask.expand_as(logits)
+    relaxed = _relaxed_mask(logits, score_kernel, block_size, keep_ratio, anchor)
+    at_anchor = _relaxed_mask(logits, anchor, block_size, keep_ratio, anchor).detach()
+    m = mask.to(logits.dtype) + (relaxed - at_anchor)
+    probs = torch.softmax(logits, dim=-1)
+    r = probs * m
+    if fuse:
+        match, rho = _match_and_rho(qk, block_size, match)
+        match = match.expand(*logits.shape[:-1])
+        alpha = rho[..., None] * _pattern_similarity(mask, match, block_size).to(logits.dtype)
+        rows = match[..., None].expand_as(logits)
+        shares = alpha * probs * (1 - m)
+        r = r + m * torch.zeros_like(shares).scatter_add(-2, rows, shares)
+    return (r / r.sum(-1, keepdim=True)) @ v

@@ -60,10 +60,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
 
     data = load_dataset(config)
     model = build_model(config, data.num_classes, data.in_chans).to(device)
-    decay, no_decay = [], []  # weight decay on matrices only, not on biases, norms or the position code
+    # Weight decay on matrices only: not on biases, norms, the position code, or the score
+    # kernel's θ (decay would pull the scorer towards the box filter).
+    decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (decay if parameter.dim() > 1 and "pos_embed" not in name else no_decay).append(parameter)
+            decayed = parameter.dim() > 1 and "pos_embed" not in name and not name.endswith("attn.theta")
+            (decay if decayed else no_decay).append(parameter)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from . import validation
-from .library import block_mask_op, forward_op
+from . import surrogate, validation
+from .._checks import check_choice
+from .library import backward_op, block_mask_op, forward_op
+
+# What the score kernel's gradient is: exactly zero (SPEC §4: W only moves the discrete
+# mask), or the surrogate of docs/spec.md §4a that makes a learnable scorer learn.
+SCORE_KERNEL_GRADS = ("zero", "surrogate")
 
 __all__ = ["block_symmetric_attention", "block_mask"]
 
@@ -19,6 +25,7 @@ def block_symmetric_attention(
     keep_ratio: float = 0.5,
     fuse: bool = True,
     scale: float | None = None,
+    score_kernel_grad: str = "zero",
 ) -> Tensor:
     """BSPF attention (SPEC §3): out (B, H, N, Dv) from shared query/key `qk` (B, H, N, D)
     and values `v` (B, H, N, Dv).
@@ -28,10 +35,14 @@ def block_symmetric_attention(
     entries, decided on the upper triangle and mirrored; pruned probability is fused into
     the most similar query's row when `fuse`. `scale` defaults to D^-1/2.
 
-    Differentiable in qk and v; the gradient for score_kernel is exactly zero (it only
-    moves the discrete mask).
+    Differentiable in qk and v. The gradient for score_kernel is exactly zero (it only
+    moves the discrete mask), or with `score_kernel_grad="surrogate"` the surrogate of
+    docs/spec.md §4a (the forward is the same either way).
     """
     arguments = validation.attention_arguments(qk, v, score_kernel, block_size, keep_ratio, fuse, scale)
+    check_choice("score_kernel_grad", score_kernel_grad, SCORE_KERNEL_GRADS)
+    if score_kernel_grad == "surrogate" and arguments[2].requires_grad and torch.is_grad_enabled():
+        return _SurrogateScoreKernel.apply(*arguments)[0]
     return forward_op(*arguments)[0]
 
 
@@ -45,3 +56,32 @@ def block_mask(
 ) -> Tensor:
     """The boolean keep mask M (B, H, N, N) the operator uses (SPEC §3.1–3.3)."""
     return block_mask_op(*validation.mask_arguments(qk, score_kernel, block_size, keep_ratio, scale))
+
+
+class _SurrogateScoreKernel(torch.autograd.Function):
+    """bspf_ext::forward with the surrogate gradient for the score kernel (docs/spec.md
+    §4a); qk and v get the same gradients as through the op's own autograd."""
+
+    @staticmethod
+    def forward(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
+        return forward_op(qk, v, score_kernel, block_size, keep_ratio, fuse, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qk, v, score_kernel, block_size, keep_ratio, fuse, scale = inputs
+        _out, *saved = output
+        ctx.save_for_backward(qk, v, score_kernel, *saved)
+        ctx.block_size, ctx.keep_ratio, ctx.fuse, ctx.scale = block_size, keep_ratio, fuse, scale
+        ctx.mark_non_differentiable(*saved)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused_grads):
+        qk, v, score_kernel, *saved = ctx.saved_tensors
+        grad_qk, grad_v = backward_op(grad_out, qk, v, *saved, ctx.block_size, ctx.fuse, ctx.scale)
+        grad_kernel = None
+        if ctx.needs_input_grad[2]:
+            grad_mask = surrogate.mask_gradient(grad_out, qk, v, *saved, ctx.block_size, ctx.fuse, ctx.scale)
+            grad_kernel = surrogate.score_kernel_gradient(
+                grad_mask, qk, score_kernel, ctx.block_size, ctx.keep_ratio, ctx.scale
+            )
+        return grad_qk, grad_v, grad_kernel, None, None, None, None

@@ -1,0 +1,128 @@
+"""The surrogate gradient of the score kernel W (docs/spec.md §4a), for a learnable scorer.
+
+The forward keeps its hard mask; W only moves that mask, so its true gradient is zero
+(SPEC §4). The surrogate differentiates a smooth relaxation of each upper block's top-k
+instead: M̃ = σ((S − τ) / T), τ midway between the block's k-th and (k+1)-th score, T the
+spread of its scores, with τ, T, H and b(i) held fixed. It is computed here with torch
+operations from the forward's saved buffers, on any device, only when a caller asks for it
+(`score_kernel_grad="surrogate"`); the compiled kernels are not involved. The reference's
+linear-space form (bspf_ext.reference, `score_kernel_grad="surrogate"`) is its oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .geometry import accumulation_dtype, keep_count, num_chunks
+from .library import unpack_mask_words
+
+__all__ = ["mask_gradient", "score_kernel_gradient"]
+
+
+def _to_blocks(square: Tensor, chunks: int, omega: int) -> Tensor:
+    """(..., N, N) -> (..., C, C, Ω, Ω), zero past N (outside every block)."""
+    n = square.shape[-1]
+    pad = chunks * omega - n
+    padded = F.pad(square, (0, pad, 0, pad))
+    return padded.reshape(*square.shape[:-2], chunks, omega, chunks, omega).transpose(-3, -2)
+
+
+def _pattern_similarity(mask: Tensor, match: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
+    """H_{i, n(j)} (SPEC §3.6) expanded to (..., N, N)."""
+    n = mask.shape[-1]
+    chunks = num_chunks(n, block_size)
+    matched_rows = mask.gather(-2, match[..., None].expand_as(mask))
+    differ = F.pad((mask != matched_rows).to(torch.int64), (0, chunks * block_size - n))
+    hamming = differ.reshape(*mask.shape[:-1], chunks, block_size).sum(-1)
+    sizes = torch.full((chunks,), block_size, dtype=dtype, device=mask.device)
+    sizes[-1] = n - (chunks - 1) * block_size
+    similarity = 1.0 - hamming.to(dtype) / sizes
+    return similarity[..., torch.arange(n, device=mask.device) // block_size]
+
+
+def _bounded_exp(x: Tensor) -> Tensor:
+    # exp of a log-ratio of probabilities; bounded below the type's overflow (reached only
+    # at extreme logits, where a fused share outweighs its target row's whole mass).
+    return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max) - 8.0))
+
+
+def mask_gradient(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, block_size, fuse, scale) -> Tensor:
+    """∂loss/∂M (B, H, N, N): the gradient of the output with respect to every entry of the
+    keep mask taken as a real number, with H and b(i) held fixed (docs/spec.md §4a)."""
+    acc = accumulation_dtype(qk.dtype)
+    x, values, g = qk.to(acc), v.to(acc), grad_out.to(acc)
+    n = x.shape[-2]
+    logits = scale * (x @ x.transpose(-1, -2))
+    mask = unpack_mask_words(mask_words, n, block_size)
+    m = mask.to(acc)
+    log_p = logits - lse[..., None].to(acc)  # log P(i, j)
+    log_z = log_row_sum.to(acc)
+    same = _bounded_exp(log_p - log_z[..., None])  # P(i, j) / Z_i
+    grad_a = g @ values.transpose(-1, -2)  # dA
+    if fuse:
+        target = match.long()
+        alone = target == torch.arange(n, device=target.device)
+        alpha = (rho.to(acc) * ~alone)[..., None] * _pattern_similarity(mask, target, block_size, acc)
+        to_target = _bounded_exp(log_p - log_z.gather(-1, target)[..., None])  # P(i, j) / Z_b(i)
+        # Φ(p, j) / Z_p: what row p would receive at column j if it kept (p, j).
+        shares = torch.where(mask, 0.0, alpha * to_target)
+        phi = torch.zeros_like(shares).scatter_add(-2, target[..., None].expand_as(shares), shares)
+    else:
+        phi = torch.zeros_like(same)
+    own = same + phi
+    z_grad_r = grad_a - (m * own * grad_a).sum(-1, keepdim=True)  # Z_i · dR(i, j), for every j
+    grad_m = z_grad_r * own
+    if fuse:
+        rows = target[..., None].expand_as(grad_m)
+        # Keeping (p, j) withdraws its share from row b(p) where that row keeps j.
+        grad_m = grad_m - m.gather(-2, rows) * alpha * to_target * z_grad_r.gather(-2, rows)
+    return grad_m
+
+
+def score_kernel_gradient(grad_mask: Tensor, qk: Tensor, score_kernel: Tensor, block_size: int,
+                          keep_ratio: float, scale: float) -> Tensor:
+    """The surrogate gradient of the (3, 3) score kernel from ∂loss/∂M (docs/spec.md §4a)."""
+    acc = grad_mask.dtype
+    x = qk.to(acc)
+    n = x.shape[-2]
+    omega, chunks = block_size, num_chunks(n, block_size)
+    device = x.device
+    logits = scale * (x @ x.transpose(-1, -2))
+    # An upper entry (i, j) stands for itself and its mirror (j, i): both follow its score.
+    both = grad_mask + grad_mask.transpose(-1, -2)
+    tiles = _to_blocks(logits, chunks, omega).reshape(-1, 1, omega, omega)
+    s = F.conv2d(tiles, score_kernel.detach().to(acc).reshape(1, 1, 3, 3), padding=1)
+    s = s.reshape(-1, chunks, chunks, omega * omega)
+
+    sizes = [omega] * (chunks - 1) + [n - (chunks - 1) * omega]
+    local = torch.arange(omega, device=device)
+    size_t = torch.tensor(sizes, device=device)
+    row_valid = local[None, :] < size_t[:, None]
+    valid = (row_valid[:, None, :, None] & row_valid[None, :, None, :]).reshape(chunks, chunks, omega * omega)
+    k = torch.tensor([[keep_count(keep_ratio, a, b) for b in sizes] for a in sizes], device=device)
+    count = torch.tensor([[a * b for b in sizes] for a in sizes], device=device)
+    chunk = torch.arange(chunks, device=device)
+    decided = (chunk[:, None] < chunk[None, :]) & (k >= 1) & (k < count)  # upper blocks with a choice
+
+    ranked = s.masked_fill(~valid, -math.inf).sort(dim=-1, descending=True).values
+    def entry(index: Tensor) -> Tensor:  # the index-th largest score of every block
+        return ranked.gather(-1, index[None, :, :, None].expand(ranked.shape[0], -1, -1, 1))
+
+    kth, next_ = entry((k - 1).clamp(min=0)), entry(k.clamp(max=omega * omega - 1))
+    threshold = 0.5 * (kth + next_)
+    filled = torch.where(valid, s, 0.0)
+    mean = filled.sum(-1, keepdim=True) / count[..., None]
+    spread = (torch.where(valid, s - mean, 0.0).square().sum(-1, keepdim=True) / count[..., None]).sqrt()
+    active = decided[..., None] & valid & (spread > 0) & torch.isfinite(threshold)
+    spread = torch.where(spread > 0, spread, 1.0)
+    sig = torch.sigmoid((s - torch.where(torch.isfinite(threshold), threshold, 0.0)) / spread)
+    slope = sig * (1.0 - sig) / spread
+    upstream = _to_blocks(both, chunks, omega).reshape(-1, chunks, chunks, omega * omega)
+    grad_scores = torch.where(active, upstream * slope, 0.0).reshape(-1, 1, omega * omega)
+    # S = conv3x3(L, W) is linear in W: ∂S(e)/∂W[a, b] is the logit under tap (a, b) of e.
+    taps = F.unfold(tiles, kernel_size=3, padding=1)  # (blocks, 9, Ω·Ω)
+    return (taps * grad_scores).sum((0, 2)).reshape(3, 3).to(score_kernel.dtype)
