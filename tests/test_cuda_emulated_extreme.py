@@ -127,6 +127,29 @@ def test_gradients_finite_and_equal_to_reference(emulated_cuda, dtype, max_logit
         _close(g, e, rtol, name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+@pytest.mark.parametrize("block_size,keep_ratio", [(1, 0.5), (2, 0.3), (7, 0.5), (64, 0.3)])
+def test_forward_and_gradients_other_blocks(emulated_cuda, dtype, block_size, keep_ratio):
+    # Chunks of one token (no fusion), two (a moved entry whose pattern similarity H is 0,
+    # both bits of its chunk differing, is common: it moves nothing, although P/Z of its
+    # target row overflows at these logits), ragged ones and a whole strip.
+    qk, v = extreme_inputs(1, 2, 130, 8, max_logit=1e5, seed=1, dtype=dtype)
+    grad = torch.randn(1, 2, 130, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    fwd = ops.forward(emulated_cuda, qk, v, block_size=block_size, keep_ratio=keep_ratio)
+    mask, match = ops.forward_mask(fwd, 130, block_size), fwd.match.long()
+    expected = reference.block_symmetric_attention(qk.double(), v.double(), block_size=block_size,
+                                                   keep_ratio=keep_ratio, mask=mask, match=match)
+    rtol = conditioned(qk, OUTPUT_RTOL)
+    assert torch.isfinite(fwd.out).all()
+    torch.testing.assert_close(fwd.out.double(), expected, rtol=rtol, atol=rtol)
+    got = ops.backward(emulated_cuda, grad, qk, v, fwd, block_size=block_size)
+    expected = reference_gradients(qk, v, grad, mask, match, block_size=block_size, fuse=True)
+    rtol = conditioned(qk, GRAD_RTOL)
+    for name, g, e in zip(("grad_qk", "grad_v"), got, expected):
+        assert torch.isfinite(g).all(), name
+        _close(g, e, rtol, name)
+
+
 def test_ordinary_heads_are_unaffected_by_an_extreme_one(emulated_cuda):
     # Head 0 holds the hard case (its strips take the log-space fallback), head 1 ordinary
     # logits: head 1's outputs and gradients are bitwise those of head 1 run alone.

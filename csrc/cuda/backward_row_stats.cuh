@@ -84,6 +84,9 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
           const uint64_t wb = mask[b];
           if (!bit_of(wb, q)) return;
           similarity = pattern_similarity<A>(wi, wb, q, ch.omega, J.rows);
+          // H = 0 moves nothing (and P/Z_b alone may overflow): such an entry is skipped. Else
+          // H ≥ 1/64 and the exponent below is at most log 64.
+          if (!(similarity > A(0))) return;
         }
         // One exponent for either kind of entry, a or f: exp(x − log Z_r) or H·exp(x + log ρ_r − log Z_b).
         const A x = fmin(scale * logit - rows.lse(r), A(0));

@@ -157,12 +157,14 @@ __device__ __forceinline__ A pattern_similarity(uint64_t wa, uint64_t wb, int q,
 // x = min(L(r, q) − lse_r, 0) and prob = exp(x). Linear, prob·factor/Z, where Z_target is at
 // least LinearFloor (exact there, common.cuh); else formed as one exponent,
 // exp(x + log ρ_r − log Z_target)·H, which is finite where prob underflows and 1/Z overflows
-// (extreme logits, docs/spec.md §3a).
+// (extreme logits, docs/spec.md §3a). H = 0 (the two rows' patterns differ in every bit of
+// the chunk) moves nothing: P/Z_target alone may overflow there, so it is never formed.
 template <typename A>
 __device__ __forceinline__ A weight_of(const StripRows<A>& rows, int r, int target, A x, A prob, bool moved,
                                        A similarity) {
   const A inv_z = rows.inv_z(target);
   if (inv_z > A(0)) return (moved ? rows.rho(r) * similarity : A(1)) * prob * inv_z;
+  if (moved && !(similarity > A(0))) return A(0);
   return (moved ? similarity : A(1)) * exp_acc(x + (moved ? rows.log_rho(r) : A(0)) - rows.log_z(target));
 }
 
