@@ -150,6 +150,27 @@ def test_forward_and_gradients_other_blocks(emulated_cuda, dtype, block_size, ke
         _close(g, e, rtol, name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+def test_negative_scale(emulated_cuda, dtype):
+    # Logits down to −1e5: each long token's own logit is its row's smallest.
+    qk, v = extreme_inputs(1, 2, 70, 8, max_logit=1e5, seed=5, dtype=dtype)
+    scale = -(8**-0.5)
+    grad = torch.randn(1, 2, 70, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    fwd = ops.forward(emulated_cuda, qk, v, block_size=BLOCK, keep_ratio=0.5, scale=scale)
+    mask, match = ops.forward_mask(fwd, 70, BLOCK), fwd.match.long()
+    expected = reference.block_symmetric_attention(qk.double(), v.double(), block_size=BLOCK, keep_ratio=0.5,
+                                                   scale=scale, mask=mask, match=match)
+    rtol = conditioned(qk, OUTPUT_RTOL)
+    assert torch.isfinite(fwd.out).all()
+    torch.testing.assert_close(fwd.out.double(), expected, rtol=rtol, atol=rtol)
+    got = ops.backward(emulated_cuda, grad, qk, v, fwd, block_size=BLOCK, scale=scale)
+    expected = reference_gradients(qk, v, grad, mask, match, block_size=BLOCK, fuse=True, scale=scale)
+    rtol = conditioned(qk, GRAD_RTOL)
+    for name, g, e in zip(("grad_qk", "grad_v"), got, expected):
+        assert torch.isfinite(g).all(), name
+        _close(g, e, rtol, name)
+
+
 def test_ordinary_heads_are_unaffected_by_an_extreme_one(emulated_cuda):
     # Head 0 holds the hard case (its strips take the log-space fallback), head 1 ordinary
     # logits: head 1's outputs and gradients are bitwise those of head 1 run alone.
