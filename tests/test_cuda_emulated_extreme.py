@@ -1,8 +1,8 @@
 """SPEC §6, extreme logits, on the real CUDA kernels (csrc/cuda, run on the CPU by
 tools/cuda_emulation): logits up to ±1e5 and token norms 10⁴ apart, every dtype. The output,
 every saved statistic and the gradients are finite, and equal the float64 reference (computed
-with the kernel's own mask and matches on the same rounded inputs): float64 to 1e-9 (SPEC
-§6), below float64 at the problem's conditioning, as tests/test_extreme_logits.py does for
+with the kernel's own mask and matches on the same rounded inputs): float64 to 1e-10 (SPEC
+§6 asks 1e-9), below float64 at the problem's conditioning, as tests/test_extreme_logits.py does for
 the CPU paths. The CUDA kernels accumulate fp16/bf16 in float32, so their conditioning is
 float32's spacing of the largest logit.
 
@@ -43,9 +43,8 @@ def largest_logit(qk) -> float:
 
 def conditioned(qk, tolerances) -> float:
     """The dtype's tolerance, or one rounding of the largest logit in the accumulation type
-    when that is larger (SPEC §6: a rounding of L moves exp(L − lse) by eps·|L|)."""
-    if qk.dtype == torch.float64:
-        return 1e-9 if tolerances is OUTPUT_RTOL else max(tolerances[qk.dtype], 2.3e-16 * largest_logit(qk))
+    when that is larger (SPEC §6: a rounding of L moves exp(L − lse) by eps·|L|). For float64
+    at logits of 1e5 that is 1e-10, inside SPEC §6's 1e-9."""
     return max(tolerances[qk.dtype], torch.finfo(accumulation(qk.dtype)).eps * largest_logit(qk))
 
 
