@@ -188,3 +188,16 @@ def test_ordinary_heads_are_unaffected_by_an_extreme_one(emulated_cuda):
     for a, b in zip(grads_both, grads_alone):
         assert torch.equal(a[:, 1:], b)
         assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+def test_nan_input_is_not_turned_into_numbers(emulated_cuda, dtype):
+    # The log-space forms cap log P at 0; the cap keeps a NaN (as the CPU paths do), so a
+    # head with a NaN input gives NaN, never finite garbage, and the other head is unaffected.
+    qk, v = random_inputs(1, 2, 40, 8, dtype=dtype)
+    qk[0, 0, 3, 2] = float("nan")
+    fwd = ops.forward(emulated_cuda, qk, v, block_size=8, keep_ratio=0.5)
+    grads = ops.backward(emulated_cuda, torch.ones_like(v), qk, v, fwd, block_size=8)
+    assert torch.isnan(fwd.out[0, 0]).all()
+    assert all(torch.isnan(g[0, 0]).all() for g in grads)
+    assert torch.isfinite(fwd.out[0, 1]).all() and all(torch.isfinite(g[0, 1]).all() for g in grads)

@@ -120,7 +120,7 @@ __device__ void row_side(StripAcc<acc_t<T>>& logits, const GradTile<T>& t,
     if (i >= depth_i) return;  // W's second half starts at k_I
     A grad_score = A(0), kept_share = A(0), fused_share = A(0);
     if (j < J.rows && i < I.rows) {
-      const A x = fmin(scale * logit - rows.lse(i), A(0));
+      const A x = at_most_zero(scale * logit - rows.lse(i));
       const A prob = exp_acc(x);
       const uint64_t wi = t.mask_ij()[i];
       A p_dp = A(0);  // P(i, j)·dP(i, j)
@@ -154,7 +154,7 @@ __device__ void column_side(StripAcc<acc_t<T>>& logits, const GradTile<T>& t,
   const StripRows<A> rows = t.own();
   for_each_entry(logits, [&](int j, int i, int, A& logit) {
     if (j >= J.rows || i >= I.rows) return;
-    const A x = fmin(scale * logit - rows.lse(j), A(0));
+    const A x = at_most_zero(scale * logit - rows.lse(j));
     const A prob = exp_acc(x);
     const uint64_t wj = t.mask_ji()[j];
     A p_dp = A(0);  // P(j, i)·dP(j, i)

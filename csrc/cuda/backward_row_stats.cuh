@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
           if (!(similarity > A(0))) return;
         }
         // One exponent for either kind of entry, a or f: exp(x − log Z_r) or H·exp(x + log ρ_r − log Z_b).
-        const A x = fmin(scale * logit - rows.lse(r), A(0));
+        const A x = at_most_zero(scale * logit - rows.lse(r));
         const A weight = similarity * exp_acc(own ? x - rows.log_z(r) : x + rows.log_rho(r) - rows.log_z(b));
         const A weighted_grad = weight * grads[b * tp + q];
         if (own) {  // constant indices: part stays in registers

@@ -51,6 +51,8 @@ __device__ __forceinline__ double log_acc(double x) { return log(x); }
 __device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }
 template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
+// min(x, 0) that keeps a NaN (fmin would return 0): log P = L − lse capped at 0, as on the CPU.
+template <typename A> __device__ __forceinline__ A at_most_zero(A x) { return x > A(0) ? A(0) : x; }
 
 // std::min is host-only without --expt-relaxed-constexpr.
 template <typename I>

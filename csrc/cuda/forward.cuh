@@ -294,7 +294,7 @@ __device__ void fuse_and_normalise_in_log_space(const ForwardSmem<T>& sm, const 
   for (int64_t e = threadIdx.x; e < int64_t{s.rows} * n; e += kThreads) {
     const int i = static_cast<int>(e / n);
     const int64_t j = e % n;
-    sm.logits[i * pitch + j] = fmin(sm.logits[i * pitch + j] - sm.lse[i], A(0));
+    sm.logits[i * pitch + j] = at_most_zero(sm.logits[i * pitch + j] - sm.lse[i]);
   }
   __syncthreads();
   const auto kept = [&](int i, int64_t j) {
