@@ -1,11 +1,13 @@
 // Backward kernel 2 (SPEC §4): dX and dV, one CTA per (column strip J of whole chunks,
 // (b, h)), which owns the gradient rows of J and sweeps the row strips I. Per tile (J, I),
 // warp w holding rows j = 16w … 16w+15 of J against all i of I:
-//   1. dR(i, j) = M(i,j)·(g_i·v_j − δ_i)/Z_i  → DR1[j][i]   (product V_J·G_Iᵀ)
-//   2. dR(j, i) = M(j,i)·(g_j·v_i − δ_j)/Z_j  → DR2[j][i]   (product G_J·V_Iᵀ)
+//   1. D(i, j) = M(i,j)·(g_i·v_j − δ_i) = Z_i·dR(i, j)  → DR1[j][i]   (product V_J·G_Iᵀ)
+//   2. D(j, i) = M(j,i)·(g_j·v_i − δ_j) = Z_j·dR(j, i)  → DR2[j][i]   (product G_J·V_Iᵀ)
 //   3. L = scale·X_J·X_Iᵀ (as the forward computes row j), P(i,j), P(j,i), and for both
-//      entries dP (kept: dR; pruned and fused: α·dR of the match's entry, α = ρ·H), dL =
-//      P·(dP − s); then dS[j][i] = scale·(dL(i,j) + dL(j,i)) and the shares of A that
+//      entries P·dP (kept: A(i,j)·D(i,j) with A's part P/Z_i; pruned and fused: its share
+//      α·P/Z_b of the match's row times D(b,j), α = ρ·H; weight_of in backward_tiles.cuh
+//      forms those parts as one exponent where Z is tiny: docs/spec.md §3a), dL =
+//      P·dP − P·s; then dS[j][i] = scale·(dL(i,j) + dL(j,i)) and the shares of A that
 //      reach V_J: W[j][i] = M·P(i,j)/Z_i (through g_i), W[j][k_I + i] = α·P(i,j)/Z_b(i)
 //      (through g_b(i); i's match b(i) is in I since I is whole chunks);
 //   4. dX_J += dS·X_I and dV_J += W·[G_I; G_b(I)], X_I and G staged transposed, 64
@@ -18,7 +20,7 @@
 // P). That is a relative error of 2⁻¹¹ (fp16) or 2⁻⁸ (bf16) per entry, independent across
 // entries, so a gradient entry errs by about u·‖row of dS‖·‖x‖ ≲ 1e-3 (fp16) and 8e-3 (bf16)
 // of the gradient's scale: inside tests/test_ops_cuda.py's GRAD_RTOL (1e-2, 5e-2) by
-// a factor of about 10. dR, L, P and every sum stay in fp32.
+// a factor of about 10. D, L, P and every sum stay in fp32.
 #pragma once
 
 #include "backward_plan.cuh"
@@ -88,7 +90,7 @@ struct GradTile {
   using S = staged_t<T>;
   using Plan = BackwardPlan<T>;
   unsigned char* base;
-  // [j][i]: dR(i, j) in pass A, then dR(j, i) in pass B.
+  // [j][i]: D(i, j) in pass A, then D(j, i) in pass B (D = Z·dR).
   __device__ A* dr() const { return reinterpret_cast<A*>(base + Plan::g_dr); }
   // Step 4's operand slices (pitch ds_pitch), over dr (dead by then).
   __device__ S* transposed() const { return reinterpret_cast<S*>(base + Plan::g_dr); }
@@ -104,7 +106,7 @@ struct GradTile {
 };
 
 // Pass A, entry (i, j) of every (j, i) this thread holds: dL(i, j) into dS (scaled), and
-// the shares of A(i, j) that reach V_J into W. Reads dR(i, ·) from t.dr().
+// the shares of A(i, j) that reach V_J into W. Reads D(i, ·) from t.dr().
 template <typename T>
 __device__ void row_side(StripAcc<acc_t<T>>& logits, const GradTile<T>& t,
                          const GradStrip& J, const GradStrip& I, int32_t depth_i, const Chunks& ch, acc_t<T> scale,
@@ -113,26 +115,27 @@ __device__ void row_side(StripAcc<acc_t<T>>& logits, const GradTile<T>& t,
   using S = staged_t<T>;
   using Plan = BackwardPlan<T>;
   const int32_t tp = Plan::tile_pitch;
+  const StripRows<A> rows = t.other();
   for_each_entry(logits, [&](int j, int i, int, A& logit) {
     if (i >= depth_i) return;  // W's second half starts at k_I
     A grad_score = A(0), kept_share = A(0), fused_share = A(0);
     if (j < J.rows && i < I.rows) {
-      const A prob = exp_acc(scale * logit - t.other().lse(i));
+      const A x = at_most_zero(scale * logit - rows.lse(i));
+      const A prob = exp_acc(x);
       const uint64_t wi = t.mask_ij()[i];
-      A grad_prob = A(0);
+      A p_dp = A(0);  // P(i, j)·dP(i, j)
       if (bit_of(wi, j)) {
-        grad_prob = t.dr()[j * tp + i];
-        kept_share = prob / t.other().z(i);
-      } else if (t.other().fuses(i, fuse)) {
-        const int b = t.other().match(i);
+        kept_share = weight_of(rows, i, i, x, prob, false, A(1));
+        p_dp = kept_share * t.dr()[j * tp + i];
+      } else if (rows.fuses(i, fuse)) {
+        const int b = rows.match(i);
         const uint64_t wb = t.mask_ij()[b];
         if (bit_of(wb, j)) {
-          const A alpha = t.other().rho(i) * pattern_similarity<A>(wi, wb, j, ch.omega, J.rows);
-          grad_prob = alpha * t.dr()[j * tp + b];
-          fused_share = alpha * prob / t.other().z(b);
+          fused_share = weight_of(rows, i, b, x, prob, true, pattern_similarity<A>(wi, wb, j, ch.omega, J.rows));
+          p_dp = fused_share * t.dr()[j * tp + b];
         }
       }
-      grad_score = scale * prob * (grad_prob - t.other().dot_p(i));
+      grad_score = scale * (p_dp - prob * rows.dot_p(i));
     }
     t.ds()[j * Plan::ds_pitch + i] = from_acc<S>(grad_score);
     t.w()[j * Plan::w_pitch + i] = from_acc<S>(kept_share);
@@ -140,7 +143,7 @@ __device__ void row_side(StripAcc<acc_t<T>>& logits, const GradTile<T>& t,
   });
 }
 
-// Pass B, entry (j, i): dS(j, i) += scale·dL(j, i). Reads dR(j, ·) from t.dr().
+// Pass B, entry (j, i): dS(j, i) += scale·dL(j, i). Reads D(j, ·) from t.dr().
 template <typename T>
 __device__ void column_side(StripAcc<acc_t<T>>& logits, const GradTile<T>& t,
                             const GradStrip& J, const GradStrip& I, const Chunks& ch, acc_t<T> scale, bool fuse) {
@@ -148,21 +151,24 @@ __device__ void column_side(StripAcc<acc_t<T>>& logits, const GradTile<T>& t,
   using S = staged_t<T>;
   using Plan = BackwardPlan<T>;
   const int32_t tp = Plan::tile_pitch;
+  const StripRows<A> rows = t.own();
   for_each_entry(logits, [&](int j, int i, int, A& logit) {
     if (j >= J.rows || i >= I.rows) return;
-    const A prob = exp_acc(scale * logit - t.own().lse(j));
+    const A x = at_most_zero(scale * logit - rows.lse(j));
+    const A prob = exp_acc(x);
     const uint64_t wj = t.mask_ji()[j];
-    A grad_prob = A(0);
+    A p_dp = A(0);  // P(j, i)·dP(j, i)
     if (bit_of(wj, i)) {
-      grad_prob = t.dr()[j * tp + i];
-    } else if (t.own().fuses(j, fuse)) {
-      const int b = t.own().match(j);
+      p_dp = weight_of(rows, j, j, x, prob, false, A(1)) * t.dr()[j * tp + i];
+    } else if (rows.fuses(j, fuse)) {
+      const int b = rows.match(j);
       const uint64_t wb = t.mask_ji()[b];
       if (bit_of(wb, i))
-        grad_prob = t.own().rho(j) * pattern_similarity<A>(wj, wb, i, ch.omega, I.rows) * t.dr()[b * tp + i];
+        p_dp = weight_of(rows, j, b, x, prob, true, pattern_similarity<A>(wj, wb, i, ch.omega, I.rows)) *
+               t.dr()[b * tp + i];
     }
     S& ds = t.ds()[j * Plan::ds_pitch + i];
-    ds = from_acc<S>(to_acc(ds) + scale * prob * (grad_prob - t.own().dot_p(j)));
+    ds = from_acc<S>(to_acc(ds) + scale * (p_dp - prob * rows.dot_p(j)));
   });
 }
 
@@ -210,17 +216,17 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
       strip_product<T>(acc, {v, J.r0, J.rows}, {g, I.r0, I.rows}, Dv, t.slice_a(), t.slice_b());
       for_each_entry(acc, [&](int j, int i, int, A& value) {
         const bool kept = j < J.rows && i < I.rows && bit_of(t.mask_ij()[i], j);
-        t.dr()[j * tp + i] = kept ? (value - t.other().delta(i)) / t.other().z(i) : A(0);
+        t.dr()[j * tp + i] = kept ? value - t.other().delta(i) : A(0);
       });
       strip_product<T>(acc, {x, J.r0, J.rows}, {x, I.r0, I.rows}, D, t.slice_a(), t.slice_b());
       row_side<T>(acc, t, J, I, depth_i, ch, scale, fuse);
 
       // Step 2 over step 1's tile, then pass B with the logits recomputed (identical).
-      __syncthreads();  // pass A is done with dR(i, j)
+      __syncthreads();  // pass A is done with D(i, j)
       strip_product<T>(acc, {g, J.r0, J.rows}, {v, I.r0, I.rows}, Dv, t.slice_a(), t.slice_b());
       for_each_entry(acc, [&](int j, int i, int, A& value) {
         const bool kept = j < J.rows && i < I.rows && bit_of(t.mask_ji()[j], i);
-        t.dr()[j * tp + i] = kept ? (value - t.own().delta(j)) / t.own().z(j) : A(0);
+        t.dr()[j * tp + i] = kept ? value - t.own().delta(j) : A(0);
       });
       strip_product<T>(acc, {x, J.r0, J.rows}, {x, I.r0, I.rows}, D, t.slice_a(), t.slice_b());
       column_side<T>(acc, t, J, I, ch, scale, fuse);

@@ -54,7 +54,7 @@ struct BackwardPlan {
   static constexpr int32_t w_pitch = 2 * kGradStrip + (kHalf ? 8 : 1);  // W: kept shares, then fused shares
 
   // Per-row values kept for one strip, kGradStrip each (StripRows).
-  static constexpr int kRowValues = 8;  // lse, z, delta, dot_p, rho, grad_rho, norm2, cross
+  static constexpr int kRowValues = 10;  // lse, inv_z, delta, dot_p, rho, grad_rho, norm2, cross, log_z, log_rho
   static constexpr size_t kSliceBytes = size_t{kGradStrip} * slice_pitch * sizeof(S);
   static constexpr size_t kTileBytes = size_t{kGradStrip} * tile_pitch * sizeof(A);
   static constexpr size_t kTransposedBytes = size_t{kGradStrip} * ds_pitch * sizeof(S);
@@ -94,15 +94,18 @@ struct StripRows {
   unsigned char* base;
   __device__ A& value(int which, int i) const { return reinterpret_cast<A*>(base)[which * kGradStrip + i]; }
   __device__ A& lse(int i) const { return value(0, i); }
-  __device__ A& z(int i) const { return value(1, i); }
+  // 1/Z_i, or 0 when Z_i is below LinearFloor: that row's shares are formed in log space.
+  __device__ A& inv_z(int i) const { return value(1, i); }
   __device__ A& delta(int i) const { return value(2, i); }
   __device__ A& dot_p(int i) const { return value(3, i); }
   __device__ A& rho(int i) const { return value(4, i); }
   __device__ A& grad_rho(int i) const { return value(5, i); }
   __device__ A& norm2(int i) const { return value(6, i); }
   __device__ A& cross(int i) const { return value(7, i); }
+  __device__ A& log_z(int i) const { return value(8, i); }
+  __device__ A& log_rho(int i) const { return value(9, i); }  // log ρ_i (0 where ρ_i = 0)
   // b(i), strip-local; i itself when i has no match.
-  __device__ int32_t& match(int i) const { return reinterpret_cast<int32_t*>(base + 8 * kGradStrip * sizeof(A))[i]; }
+  __device__ int32_t& match(int i) const { return reinterpret_cast<int32_t*>(base + 10 * kGradStrip * sizeof(A))[i]; }
   // Whether row i moves pruned probability to its match (SPEC §3.7): it has one and ρ_i > 0.
   __device__ bool fuses(int i, bool fuse) const { return fuse && match(i) != i && rho(i) > A(0); }
 };

@@ -2,16 +2,20 @@
 // (strip of whole chunks, (b, h)), one sweep over the column strips.
 //
 // Per column strip J the CTA recomputes L = scale·X_s·X_Jᵀ and dA = G_s·V_Jᵀ (tensor cores
-// for fp16/bf16) and P = exp(L − lse); then every row i adds, over the columns j,
-//   u0 = Σ M·P·dA(i,j)           u1 = Σ M·P
-//   u2 = Σ F·H·P·dA(b(i),j)      u3 = Σ F·H·P        (F = (1 − M(i,j))·M(b(i),j), i fusing)
-// From these, with Z saved by the forward and δ linear in dA:
-//   δ_i  = (u0_i + Σ_{i': b(i') = i} ρ_i'·u2_i') / Z_i    (the fused shares that reach row i)
-//   dρ_i = (u2_i − δ_b·u3_i) / Z_b                          (b = b(i); 0 when i fuses nothing)
-//   s_i  = (u0_i − δ_i·u1_i) / Z_i + ρ_i·dρ_i
-// which are SPEC §4's sums regrouped, so one sweep replaces two and R is never formed. The
-// regrouping subtracts sums of size |dA| where the spec subtracts entries; the difference
-// is a rounding of |dA|·u, far below every tolerance (the gradients carry P·|dA|).
+// for fp16/bf16); then every row i adds, over the columns j, with a(i, j) = P(i, j)/Z_i on
+// its kept entries and f(i, j) = ρ_i·H·P(i, j)/Z_b on those it moves to b = b(i) (each is
+// A's part of that entry, formed as one exponent from the saved lse and log Z, so it is
+// finite where P underflows and 1/Z overflows: docs/spec.md §3a),
+//   u0 = Σ a·dA(i,j)             u1 = Σ a
+//   u2 = Σ f·dA(b(i),j)          u3 = Σ f
+// From these, δ being linear in dA:
+//   δ_i  = u0_i + Σ_{i': b(i') = i} u2_i'        (the fused shares that reach row i)
+//   f_i  = u2_i − δ_b·u3_i                       (b = b(i); 0 when i fuses nothing)
+//   dρ_i = f_i / ρ_i
+//   s_i  = u0_i − δ_i·u1_i + f_i
+// which are SPEC §4's sums regrouped (s_i = Σ_j P·dP, δ_i = Σ_k A·dA), so one sweep replaces
+// two and R is never formed. The regrouping subtracts sums of size |dA| where the spec
+// subtracts entries; the difference is a rounding of |dA|·u, far below every tolerance.
 // Each row is summed by one warp in column order: deterministic.
 #pragma once
 
@@ -70,19 +74,30 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
       A part[2][4] = {{A(0), A(0), A(0), A(0)}, {A(0), A(0), A(0), A(0)}};
       for_each_entry(acc, [&](int r, int q, int half, A& logit) {
         if (r >= s.rows || q >= J.rows) return;
-        const A prob = exp_acc(scale * logit - rows.lse(r));
         const uint64_t wi = mask[r];
-        if (bit_of(wi, q)) {
-          part[half][0] += prob * grads[r * tp + q];
-          part[half][1] += prob;
-        } else if (rows.fuses(r, fuse)) {
-          const int b = rows.match(r);
+        const bool own = bit_of(wi, q);
+        int b = r;
+        A similarity = A(1);
+        if (!own) {
+          if (!rows.fuses(r, fuse)) return;
+          b = rows.match(r);
           const uint64_t wb = mask[b];
-          if (bit_of(wb, q)) {
-            const A weighted = pattern_similarity<A>(wi, wb, q, ch.omega, J.rows) * prob;
-            part[half][2] += weighted * grads[b * tp + q];
-            part[half][3] += weighted;
-          }
+          if (!bit_of(wb, q)) return;
+          similarity = pattern_similarity<A>(wi, wb, q, ch.omega, J.rows);
+          // H = 0 moves nothing (and P/Z_b alone may overflow): such an entry is skipped. Else
+          // H ≥ 1/64 and the exponent below is at most log 64.
+          if (!(similarity > A(0))) return;
+        }
+        // One exponent for either kind of entry, a or f: exp(x − log Z_r) or H·exp(x + log ρ_r − log Z_b).
+        const A x = at_most_zero(scale * logit - rows.lse(r));
+        const A weight = similarity * exp_acc(own ? x - rows.log_z(r) : x + rows.log_rho(r) - rows.log_z(b));
+        const A weighted_grad = weight * grads[b * tp + q];
+        if (own) {  // constant indices: part stays in registers
+          part[half][0] += weighted_grad;
+          part[half][1] += weight;
+        } else {
+          part[half][2] += weighted_grad;
+          part[half][3] += weight;
         }
       });
       // The four lanes of a row (lane & 3) hold its columns: reduce them in a fixed tree.
@@ -108,19 +123,19 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm)
       const int lo = static_cast<int>(ch.begin(c) - s.r0), hi = lo + ch.size(c);
       A fused_in = A(0);  // sources in increasing order
       for (int k = lo; k < hi; ++k)
-        if (k != i && rows.match(k) == i && rows.fuses(k, fuse)) fused_in += rows.rho(k) * u2[k];
-      rows.delta(i) = (u0[i] + fused_in) / rows.z(i);
+        if (k != i && rows.match(k) == i && rows.fuses(k, fuse)) fused_in += u2[k];
+      rows.delta(i) = u0[i] + fused_in;
     }
     __syncthreads();
     A* stats = static_cast<A*>(row_stats) + row0 + s.r0;
     for (int i = tid; i < s.rows; i += kThreads) {
-      A grad_rho = A(0);
+      A fused = A(0), grad_rho = A(0);
       if (rows.fuses(i, fuse)) {
-        const int b = rows.match(i);
-        grad_rho = (u2[i] - rows.delta(b) * u3[i]) / rows.z(b);
+        fused = u2[i] - rows.delta(rows.match(i)) * u3[i];
+        grad_rho = fused / rows.rho(i);
       }
       stats[kDelta * stat_stride + i] = rows.delta(i);
-      stats[kDotP * stat_stride + i] = (u0[i] - rows.delta(i) * u1[i]) / rows.z(i) + rows.rho(i) * grad_rho;
+      stats[kDotP * stat_stride + i] = u0[i] - rows.delta(i) * u1[i] + fused;
       stats[kGradRho * stat_stride + i] = grad_rho;
     }
   }

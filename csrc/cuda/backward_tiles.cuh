@@ -152,6 +152,22 @@ __device__ __forceinline__ A pattern_similarity(uint64_t wa, uint64_t wb, int q,
   return A(1) - static_cast<A>(__popcll(((wa ^ wb) >> start) & low_bits(size))) / static_cast<A>(size);
 }
 
+// A's part of logit entry (r, q) in row `target` (SPEC §3.8, A = R / Z): P(r, q)/Z_r for a kept
+// entry (target = r, moved = false), ρ_r·H·P(r, q)/Z_b for one that moves to target = b(r).
+// x = min(L(r, q) − lse_r, 0) and prob = exp(x). Linear, prob·factor/Z, where Z_target is at
+// least LinearFloor (exact there, common.cuh); else formed as one exponent,
+// exp(x + log ρ_r − log Z_target)·H, which is finite where prob underflows and 1/Z overflows
+// (extreme logits, docs/spec.md §3a). H = 0 (the two rows' patterns differ in every bit of
+// the chunk) moves nothing: P/Z_target alone may overflow there, so it is never formed.
+template <typename A>
+__device__ __forceinline__ A weight_of(const StripRows<A>& rows, int r, int target, A x, A prob, bool moved,
+                                       A similarity) {
+  const A inv_z = rows.inv_z(target);
+  if (inv_z > A(0)) return (moved ? rows.rho(r) * similarity : A(1)) * prob * inv_z;
+  if (moved && !(similarity > A(0))) return A(0);
+  return (moved ? similarity : A(1)) * exp_acc(x + (moved ? rows.log_rho(r) : A(0)) - rows.log_z(target));
+}
+
 // Offsets of δ, s and dρ inside the (3, B, H, N) row statistics.
 enum RowStat : int64_t { kDelta = 0, kDotP = 1, kGradRho = 2 };
 
@@ -168,10 +184,11 @@ __device__ void load_strip_rows(const StripRows<A>& dst, const BackwardParams& b
     const bool in = r < s.rows;
     const int64_t i = s.r0 + r;
     dst.lse(r) = in ? lse[i] : A(0);
-    // Z_i itself, from its saved log: these kernels work with linear row sums, so a row
-    // whose Z_i underflows (extreme logits, docs/spec.md) is not handled on CUDA yet.
-    dst.z(r) = in ? exp_acc(log_z[i]) : A(1);
+    const A lz = in ? log_z[i] : A(0);
+    dst.log_z(r) = lz;
+    dst.inv_z(r) = lz >= LinearFloor<A>::log_value ? exp_acc(-lz) : A(0);
     dst.rho(r) = in ? rho[i] : A(0);
+    dst.log_rho(r) = in && rho[i] > A(0) ? log_acc(rho[i]) : A(0);
     dst.match(r) = in ? static_cast<int32_t>(match[i] - s.r0) : r;
     dst.delta(r) = in && stats ? stats[kDelta * stat_stride + i] : A(0);
     dst.dot_p(r) = in && stats ? stats[kDotP * stat_stride + i] : A(0);

@@ -51,6 +51,8 @@ __device__ __forceinline__ double log_acc(double x) { return log(x); }
 __device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }
 template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
+// min(x, 0) that keeps a NaN (fmin would return 0): log P = L − lse capped at 0, as on the CPU.
+template <typename A> __device__ __forceinline__ A at_most_zero(A x) { return x > A(0) ? A(0) : x; }
 
 // std::min is host-only without --expt-relaxed-constexpr.
 template <typename I>
@@ -60,6 +62,22 @@ __host__ __device__ __forceinline__ constexpr I lesser(I a, I b) {
 
 // cos(x, y) = x·y / max(‖x‖‖y‖, 1e-8) (SPEC §3.5).
 constexpr double kCosEps = 1e-8;
+
+// The smallest row sum Z_i of R that the linear form (P = exp(L − lse), Z = Σ R, A = R / Z)
+// gets right: what it loses is the terms of R below the smallest normal number (2^-126 in
+// float, 2^-1022 in double), less than that each, and a row has fewer than 64·N < 2^26
+// terms (N < 2^20), so under 2^-100 (float) or 2^-996 (double) in all: below 2^-40 (float)
+// and 2^-96 (double) of Z_i at this floor. Rows with a smaller Z_i (extreme logits,
+// docs/spec.md §3a) are evaluated in log space.
+template <typename A> struct LinearFloor;
+template <> struct LinearFloor<float> {
+  static constexpr float value = 0x1p-60f;
+  static constexpr float log_value = -41.588830833596716f;  // −60·log 2
+};
+template <> struct LinearFloor<double> {
+  static constexpr double value = 0x1p-900;
+  static constexpr double log_value = -623.8324625039508;  // −900·log 2
+};
 
 // -------------------------------------------------------------------------- geometry
 

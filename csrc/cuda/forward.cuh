@@ -7,7 +7,9 @@
 //      are in the strip); diagonal blocks are full;
 //   3. row statistics (lse), then the best matches from the staged strip rows;
 //   4. P = exp(L − lse) in place, fusion column by column (sources before zeroing, rows
-//      in increasing order: deterministic), pruned entries zeroed, Z and 1/Z;
+//      in increasing order: deterministic), pruned entries zeroed, Z and 1/Z; a strip with
+//      a row sum too small for that linear form (extreme logits) recomputes its logits and
+//      does step 4 in log space instead (docs/spec.md §3a);
 //   5. out = (R / Z)·V on tensor cores, the value tiles staged transposed, 64 columns
 //      of V at a time.
 // The block_mask op runs steps 1–2 only.
@@ -56,7 +58,7 @@ struct ForwardSmem {
   S* tile;  // staged X column tile, then Vᵀ tiles
   Key* keys;
   uint64_t* words;
-  A *lse, *rho, *z, *inv_z, *norm;
+  A *lse, *rho, *log_z, *inv_z, *norm;
   int32_t* match;  // strip-local
   __device__ ForwardSmem(unsigned char* base, const ForwardPlan& f)
       : logits(reinterpret_cast<A*>(base + f.logits)),
@@ -66,7 +68,7 @@ struct ForwardSmem {
         words(reinterpret_cast<uint64_t*>(base + f.words)),
         lse(reinterpret_cast<A*>(base + f.lse)),
         rho(reinterpret_cast<A*>(base + f.rho)),
-        z(reinterpret_cast<A*>(base + f.z)),
+        log_z(reinterpret_cast<A*>(base + f.log_z)),
         inv_z(reinterpret_cast<A*>(base + f.inv_z)),
         norm(reinterpret_cast<A*>(base + f.norm)),
         match(reinterpret_cast<int32_t*>(base + f.match)) {}
@@ -195,43 +197,46 @@ __device__ void best_matches(const ForwardSmem<T>& sm, const ForwardPlan& f, con
   }
 }
 
-// Step 4. R = P ⊙ M + F in place (SPEC §3.7–3.8), then Z and 1/Z.
+// Step 4, in place (SPEC §3.7–3.8): R = P ⊙ M + F, then Z. The linear form, P = exp(L − lse)
+// and A = R / Z, is exact while every row sum Z_i is at least LinearFloor (common.cuh); a strip
+// with a smaller one is evaluated again in log space (fuse_and_normalise_in_log_space, with
+// the logits recomputed, bitwise the same): docs/spec.md §3a.
+
+// Fusion, one thread per (chunk of the strip, column): it alone touches that column of the
+// chunk's rows, reading pruned sources and adding into kept targets, sources in increasing
+// order (deterministic). add(p, i, j, alpha) adds source (i, j)'s share α = ρ_i·H into (p, j).
+template <typename T, typename Add>
+__device__ void fuse_columns(const ForwardSmem<T>& sm, const StripRange& s, const Chunks& ch, int64_t n,
+                             const Add& add) {
+  using A = acc_t<T>;
+  const int32_t C = ch.count;
+  const int32_t chunks = s.last - s.first;
+  for (int64_t e = threadIdx.x; e < int64_t{chunks} * n; e += kThreads) {
+    const int32_t c = s.first + static_cast<int32_t>(e / n);
+    const int64_t j = e % n;
+    const int32_t col_chunk = static_cast<int32_t>(j / ch.omega), bit = static_cast<int32_t>(j % ch.omega);
+    const A size = static_cast<A>(ch.size(col_chunk));
+    const int lo = static_cast<int>(ch.begin(c) - s.r0), hi = lo + ch.size(c);
+    for (int i = lo; i < hi; ++i) {
+      const int p = sm.match[i];
+      if (p == i || !(sm.rho[i] > A(0))) continue;
+      const uint64_t wi = sm.words[i * C + col_chunk], wp = sm.words[p * C + col_chunk];
+      if (bit_of(wi, bit) || !bit_of(wp, bit)) continue;  // moves only pruned → kept
+      add(p, i, j, sm.rho[i] * (A(1) - static_cast<A>(__popcll(wi ^ wp)) / size));
+    }
+  }
+}
+
+// Pruned entries zeroed, Z̃_i = Σ_j R(i, j) / e^{shift_i} (shift 0 when null), 1/Z̃ and
+// log Z_i = shift_i + log Z̃_i. Returns, to every thread, whether some row's Z̃ is below
+// LinearFloor (only meaningful for the linear form, shift = null).
 template <typename T>
-__device__ void fuse_and_normalise(const ForwardSmem<T>& sm, const ForwardPlan& f, const StripRange& s,
-                                   const Chunks& ch, int64_t n, bool fuse) {
+__device__ bool normalise_rows(const ForwardSmem<T>& sm, const ForwardPlan& f, const StripRange& s,
+                               const Chunks& ch, int64_t n, const acc_t<T>* shift) {
   using A = acc_t<T>;
   const int32_t C = ch.count, pitch = f.logit_pitch;
-  for (int64_t e = threadIdx.x; e < int64_t{s.rows} * n; e += kThreads) {
-    const int i = static_cast<int>(e / n);
-    const int64_t j = e % n;
-    sm.logits[i * pitch + j] = exp_acc(sm.logits[i * pitch + j] - sm.lse[i]);
-  }
-  __syncthreads();
-  const auto kept = [&](int i, int64_t j) {
-    return bit_of(sm.words[i * C + j / ch.omega], static_cast<int32_t>(j % ch.omega));
-  };
-  if (fuse) {
-    // One thread per (chunk of the strip, column): it alone touches that column of the
-    // chunk's rows, reading pruned sources and adding into kept targets.
-    const int32_t chunks = s.last - s.first;
-    for (int64_t e = threadIdx.x; e < int64_t{chunks} * n; e += kThreads) {
-      const int32_t c = s.first + static_cast<int32_t>(e / n);
-      const int64_t j = e % n;
-      const int32_t col_chunk = static_cast<int32_t>(j / ch.omega), bit = static_cast<int32_t>(j % ch.omega);
-      const A size = static_cast<A>(ch.size(col_chunk));
-      const int lo = static_cast<int>(ch.begin(c) - s.r0), hi = lo + ch.size(c);
-      for (int i = lo; i < hi; ++i) {
-        const int p = sm.match[i];
-        if (p == i || !(sm.rho[i] > A(0))) continue;
-        const uint64_t wi = sm.words[i * C + col_chunk], wp = sm.words[p * C + col_chunk];
-        if (bit_of(wi, bit) || !bit_of(wp, bit)) continue;  // moves only pruned → kept
-        const A alpha = sm.rho[i] * (A(1) - static_cast<A>(__popcll(wi ^ wp)) / size);
-        sm.logits[p * pitch + j] += alpha * sm.logits[i * pitch + j];
-      }
-    }
-    __syncthreads();
-  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  bool small = false;
   for (int i = warp; i < f.rows_pad; i += kWarps) {
     if (i >= s.rows) {  // padding rows of the last mma tile
       if (lane == 0) sm.inv_z[i] = A(0);
@@ -239,17 +244,99 @@ __device__ void fuse_and_normalise(const ForwardSmem<T>& sm, const ForwardPlan& 
     }
     A z = A(0);
     for (int64_t j = lane; j < n; j += 32) {
-      const A r = kept(i, j) ? sm.logits[i * pitch + j] : A(0);
+      const bool kept = bit_of(sm.words[i * C + j / ch.omega], static_cast<int32_t>(j % ch.omega));
+      const A r = kept ? sm.logits[i * pitch + j] : A(0);
       sm.logits[i * pitch + j] = r;
       z += r;
     }
     z = warp_sum(z);
     if (lane == 0) {
-      sm.z[i] = z;
+      sm.log_z[i] = (shift ? shift[i] : A(0)) + log_acc(z);
       sm.inv_z[i] = A(1) / z;
+      small = small || z < LinearFloor<A>::value;
     }
   }
+  return __syncthreads_or(small) != 0;
+}
+
+// The linear form. Returns whether some row sum is below LinearFloor.
+template <typename T>
+__device__ bool fuse_and_normalise(const ForwardSmem<T>& sm, const ForwardPlan& f, const StripRange& s,
+                                   const Chunks& ch, int64_t n, bool fuse) {
+  using A = acc_t<T>;
+  const int32_t pitch = f.logit_pitch;
+  for (int64_t e = threadIdx.x; e < int64_t{s.rows} * n; e += kThreads) {
+    const int i = static_cast<int>(e / n);
+    const int64_t j = e % n;
+    sm.logits[i * pitch + j] = exp_acc(sm.logits[i * pitch + j] - sm.lse[i]);
+  }
   __syncthreads();
+  if (fuse) {
+    fuse_columns<T>(sm, s, ch, n, [&](int p, int i, int64_t j, A alpha) {
+      sm.logits[p * pitch + j] += alpha * sm.logits[i * pitch + j];
+    });
+    __syncthreads();
+  }
+  return normalise_rows<T>(sm, f, s, ch, n, nullptr);
+}
+
+// The log-space form (docs/spec.md §3a), as the portable CPU path: every term of R is kept
+// as its log, ℓ(i, j) = min(L − lse_i, 0) for an own kept entry and ℓ(i, j) + log(ρ_i·H) for
+// a share moved to p = b(i); row p is shifted by its largest term t_p, so R_p / e^{t_p} has
+// entries ≤ 1 and a sum ≥ 1 however far its terms lie below the row's largest logit.
+template <typename T>
+__device__ void fuse_and_normalise_in_log_space(const ForwardSmem<T>& sm, const ForwardPlan& f,
+                                                const StripRange& s, const Chunks& ch, int64_t n, bool fuse) {
+  using A = acc_t<T>;
+  const int32_t C = ch.count, pitch = f.logit_pitch;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  A* shift = sm.norm;  // the norms are not needed after the matching
+  for (int64_t e = threadIdx.x; e < int64_t{s.rows} * n; e += kThreads) {
+    const int i = static_cast<int>(e / n);
+    const int64_t j = e % n;
+    sm.logits[i * pitch + j] = at_most_zero(sm.logits[i * pitch + j] - sm.lse[i]);
+  }
+  __syncthreads();
+  const auto kept = [&](int i, int64_t j) {
+    return bit_of(sm.words[i * C + j / ch.omega], static_cast<int32_t>(j % ch.omega));
+  };
+  // t_p, one warp per row: its own kept terms, then the shares its chunk's rows move to it.
+  for (int p = warp; p < s.rows; p += kWarps) {
+    A top = neg_inf<A>();
+    for (int64_t j = lane; j < n; j += 32)
+      if (kept(p, j)) top = fmax(top, sm.logits[p * pitch + j]);
+    if (fuse) {
+      const int64_t c = (s.r0 + p) / ch.omega;
+      const int lo = static_cast<int>(ch.begin(c) - s.r0), hi = lo + ch.size(c);
+      for (int i = lo; i < hi; ++i) {
+        if (i == p || sm.match[i] != p || !(sm.rho[i] > A(0))) continue;
+        for (int64_t j = lane; j < n; j += 32) {
+          const int32_t col_chunk = static_cast<int32_t>(j / ch.omega), bit = static_cast<int32_t>(j % ch.omega);
+          const uint64_t wi = sm.words[i * C + col_chunk], wp = sm.words[p * C + col_chunk];
+          if (bit_of(wi, bit) || !bit_of(wp, bit)) continue;
+          const A alpha = sm.rho[i] * (A(1) - static_cast<A>(__popcll(wi ^ wp)) / static_cast<A>(ch.size(col_chunk)));
+          top = fmax(top, sm.logits[i * pitch + j] + log_acc(alpha));  // log 0 = −inf: no term
+        }
+      }
+    }
+    top = warp_max(top);
+    if (lane == 0) shift[p] = top;
+  }
+  __syncthreads();
+  // Own terms in place; pruned entries keep their ℓ: they are the fusion's sources.
+  for (int64_t e = threadIdx.x; e < int64_t{s.rows} * n; e += kThreads) {
+    const int i = static_cast<int>(e / n);
+    const int64_t j = e % n;
+    if (kept(i, j)) sm.logits[i * pitch + j] = exp_acc(sm.logits[i * pitch + j] - shift[i]);
+  }
+  __syncthreads();
+  if (fuse) {
+    fuse_columns<T>(sm, s, ch, n, [&](int p, int i, int64_t j, A alpha) {
+      sm.logits[p * pitch + j] += exp_acc(sm.logits[i * pitch + j] + log_acc(alpha) - shift[p]);
+    });
+    __syncthreads();
+  }
+  normalise_rows<T>(sm, f, s, ch, n, shift);
 }
 
 // Step 5. out = (R / Z)·V, 64 value columns at a time; each warp holds up to
@@ -340,13 +427,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams fp, For
     row_lse(sm.logits, f.logit_pitch, s.rows, n, sm.lse);
     best_matches<T>(sm, f, s, ch, D);
     __syncthreads();
-    fuse_and_normalise<T>(sm, f, s, ch, n, fp.p.fuse);
+    if (fuse_and_normalise<T>(sm, f, s, ch, n, fp.p.fuse)) {  // CTA-uniform; rare
+      strip_logits<T>(sm, f, x, s, n, D, scale);
+      fuse_and_normalise_in_log_space<T>(sm, f, s, ch, n, fp.p.fuse);
+    }
     const int64_t row0 = pair * n + s.r0;
     for (int i = threadIdx.x; i < s.rows; i += kThreads) {
       fp.saved.match[row0 + i] = static_cast<int32_t>(s.r0 + sm.match[i]);
       static_cast<A*>(fp.saved.rho)[row0 + i] = sm.rho[i];
       static_cast<A*>(fp.saved.lse)[row0 + i] = sm.lse[i];
-      static_cast<A*>(fp.saved.log_row_sum)[row0 + i] = log_acc(sm.z[i]);
+      static_cast<A*>(fp.saved.log_row_sum)[row0 + i] = sm.log_z[i];
     }
     if (Dv > 0) {
       const Rows<T> v = pair_rows<T>(fp.v, fp.v_stride, pair, fp.p.heads);

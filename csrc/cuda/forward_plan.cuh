@@ -27,7 +27,7 @@ struct ForwardPlan {
   int32_t v_pitch = 16;      // elements per staged Vᵀ row (a value column over 64 tokens)
   int32_t select_warps = 1;  // warps that decide blocks at once (one key buffer each)
   // Byte offsets into dynamic shared memory.
-  size_t logits = 0, strip_x = 0, scratch = 0, words = 0, lse = 0, rho = 0, z = 0, inv_z = 0, norm = 0, match = 0;
+  size_t logits = 0, strip_x = 0, scratch = 0, words = 0, lse = 0, rho = 0, log_z = 0, inv_z = 0, norm = 0, match = 0;
   size_t bytes = 0;
 
   template <typename T>
@@ -61,7 +61,7 @@ struct ForwardPlan {
     f.words = plan.take(static_cast<size_t>(rows) * ch.count, sizeof(uint64_t));
     f.lse = plan.take(f.rows_pad, sizeof(A));
     f.rho = plan.take(f.rows_pad, sizeof(A));
-    f.z = plan.take(f.rows_pad, sizeof(A));
+    f.log_z = plan.take(f.rows_pad, sizeof(A));
     f.inv_z = plan.take(f.rows_pad, sizeof(A));
     f.norm = plan.take(f.rows_pad, sizeof(A));
     f.match = plan.take(f.rows_pad, sizeof(int32_t));
