@@ -21,9 +21,8 @@ from bspf_ext import reference
 from cuda_emulation import ops
 from cuda_emulation.checks import assert_mask_words_well_formed, reference_gradients
 from cuda_emulation.module import emulated_cuda  # noqa: F401  (fixture)
-from support import OUTPUT_RTOL, random_inputs
+from support import GRAD_RTOL, OUTPUT_RTOL, random_inputs
 from test_extreme_logits import LOGITS, extreme_inputs, underflowing_rows
-from test_ops_cuda import GRAD_RTOL
 
 pytestmark = pytest.mark.cuda_emulated
 

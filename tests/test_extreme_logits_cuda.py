@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import bspf_ext
-from bspf_ext import _backends, reference
-from support import OUTPUT_RTOL, kernel_choices
+from bspf_ext import reference
+from bspf_ext.ops import backends as _backends
+from support import GRAD_RTOL, OUTPUT_RTOL, kernel_choices
 from test_cuda_emulated_extreme import accumulation, conditioned
 from test_extreme_logits import LOGITS, extreme_inputs, underflowing_rows
-from test_ops_cuda import GRAD_RTOL
 
 pytestmark = [
     pytest.mark.cuda,

@@ -36,7 +36,7 @@ template <typename T>
 __device__ void add_cosine_terms(const StripRows<acc_t<T>>& own, const Rows<T>& x, const GradStrip& J,
                                  const Chunks& ch, int64_t dim, acc_t<T>* grad_x) {
   using A = acc_t<T>;
-  const A eps = static_cast<A>(kCosEps);
+  const A eps = static_cast<A>(kCosineEps);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   __syncthreads();
   for (int q = warp; q < J.rows; q += kWarps) {

@@ -60,9 +60,6 @@ __host__ __device__ __forceinline__ constexpr I lesser(I a, I b) {
   return b < a ? b : a;
 }
 
-// cos(x, y) = x·y / max(‖x‖‖y‖, 1e-8) (SPEC §3.5).
-constexpr double kCosEps = 1e-8;
-
 // The smallest row sum Z_i of R that the linear form (P = exp(L − lse), Z = Σ R, A = R / Z)
 // gets right: what it loses is the terms of R below the smallest normal number (2^-126 in
 // float, 2^-1022 in double), less than that each, and a row has fewer than 64·N < 2^26

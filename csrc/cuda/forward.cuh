@@ -177,7 +177,7 @@ __device__ void best_matches(const ForwardSmem<T>& sm, const ForwardPlan& f, con
   };
   for (int i = threadIdx.x; i < s.rows; i += kThreads) sm.norm[i] = sqrt_acc(dot(i, i));
   __syncthreads();
-  const A eps = static_cast<A>(kCosEps);
+  const A eps = static_cast<A>(kCosineEps);
   for (int i = threadIdx.x; i < s.rows; i += kThreads) {
     const int64_t c = (s.r0 + i) / ch.omega;
     const int lo = static_cast<int>(ch.begin(c) - s.r0), hi = lo + ch.size(c);
