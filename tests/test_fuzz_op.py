@@ -126,8 +126,8 @@ def check_draw(p, *, gradients=True):
 def gradient_slack(p, qk, v, grad, scale):
     """What one rounding of the logits in qk's dtype moves the gradients by, at most.
 
-    The kernels round each logit (ε ≤ γ_D·|scale|·max‖qk_i‖² relative on exp(L - lse)), and
-    the backward recomputes them (the AVX2 path in another summation order than its forward).
+    The kernels round each logit (ε ≤ γ_D·|scale|·max‖qk_i‖² relative on exp(L - lse)); the
+    backward recomputes them as its forward did, but that rounding stays.
     Through dS = P ⊙ (dP - δ) that moves grad_qk by up to 2·|scale|·ε·max|g|·max|v|·max|qk|
     and grad_v, a column sum of P ⊙ g, by up to N·ε·max|g|. Negligible at ordinary logits
     (ε ~ 1e-6 in float32, 1e-13 in float64); at logits in the thousands it is all float32

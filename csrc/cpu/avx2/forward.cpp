@@ -90,7 +90,7 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pa
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
-    if (!chunk_forward_rows(g, m, ws.x.data, static_cast<float>(fp.p.scale), shift, exps, words, match, rho,
+    if (!chunk_forward_rows(g, m, ws.x.data, ws.xt.data, static_cast<float>(fp.p.scale), shift, exps, words, match, rho,
                             fp.p.fuse, ws.bitmap.data, lse + r0, log_row_sum + r0, alpha))
       return Outcome::kNeedsPortable;
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);

@@ -195,8 +195,15 @@ void compute_logits(const Geometry& g, const float* x, const float* xt, float sc
     }
 }
 
-void logit_row(const Geometry& g, const float* x, float scale, int64_t i, float* row) {
-  for (int64_t j = 0; j < g.ld; ++j) row[j] = scale * dot(x + i * g.dp, x + j * g.dp, g.dp);
+void logit_row(const Geometry& g, const float* x, const float* xt, float scale, int64_t i, float* row) {
+  const float* xi = x + i * g.dp;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < g.ld; j += kLanes) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < g.d; ++k)
+      acc = _mm256_fmadd_ps(_mm256_broadcast_ss(xi + k), _mm256_loadu_ps(xt + k * g.ld + j), acc);
+    _mm256_storeu_ps(row + j, _mm256_mul_ps(vscale, acc));
+  }
 }
 
 void load_logits(const Geometry& g, const float* qk, const int64_t* stride, int64_t pair, int64_t heads,

@@ -42,9 +42,11 @@ enum class Mirror { kNone, kDiagonalBlocks, kAll };
 // padding rows are 0.
 void compute_logits(const Geometry& g, const float* x, const float* xt, float scale, Mirror mirror, float* logits);
 
-// Row i of L = scale · X Xᵀ recomputed from X (padded rows, 0 past N) into `row` (ld
-// floats), for the forward, whose logits tile has become E by then.
-void logit_row(const Geometry& g, const float* x, float scale, int64_t i, float* row);
+// Row i of L = scale · X Xᵀ recomputed from X and Xᵀ (padded, 0 past N) into `row` (ld
+// floats), for the forward, whose logits tile has become E by then. Bit for bit the
+// logits of compute_logits (the same FMA chain over k per entry), so the lse saved from
+// such a row matches the logits the backward recomputes.
+void logit_row(const Geometry& g, const float* x, const float* xt, float scale, int64_t i, float* row);
 
 // X gathered, Xᵀ, and L (the shared first steps of every entry point).
 void load_logits(const Geometry& g, const float* qk, const int64_t* stride, int64_t pair, int64_t heads,

@@ -22,8 +22,8 @@ constexpr float kResolution = 5.96046448e-8f;
 // common shift is too small for float32 (a token of small norm beside one of large norm)
 // or not finite: L_i recomputed from X into `row`, then E_i = exp(L_i − max_i) in place,
 // 0 in the padding. Returns max_i.
-float row_shifted_exps(const Geometry& g, const float* x, float scale, int64_t i, float* row) {
-  logit_row(g, x, scale, i, row);
+float row_shifted_exps(const Geometry& g, const float* x, const float* xt, float scale, int64_t i, float* row) {
+  logit_row(g, x, xt, scale, i, row);
   const int64_t full = g.n / kLanes * kLanes;
   const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
   __m256 mx = neg_inf;
@@ -139,9 +139,9 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint6
   }
 }
 
-bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scale, float shift, float* exps,
-                        const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
-                        float* lse, float* log_row_sum, float* alpha) {
+bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, const float* xt, float scale, float shift,
+                        float* exps, const uint64_t* words, const int32_t* match, const float* rho, bool fuse,
+                        uint64_t* bitmaps, float* lse, float* log_row_sum, float* alpha) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
   float total[64], kept[64], lost[64];
   for (int64_t r = 0; r < rows; ++r) {
@@ -163,7 +163,7 @@ bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scal
       total[r] = hsum(sum);
       kept[r] = hsum(kept_sum);
       if (total[r] >= kSmallestSum && total[r] <= __FLT_MAX__) break;
-      row_shift = row_shifted_exps(g, x, scale, i, row);
+      row_shift = row_shifted_exps(g, x, xt, scale, i, row);
     }
     lse[r] = row_shift + __builtin_logf(total[r]);
     lost[r] = 1.0f;
@@ -188,6 +188,9 @@ bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scal
     if (!(kept[r] * kResolution >= lost[r] * static_cast<float>(g.n) * __FLT_MIN__) || !(kept[r] <= __FLT_MAX__))
       return false;
     log_row_sum[r] = __builtin_logf(kept[r]) - __builtin_logf(total[r]);
+    // The backward hands such a pair to the portable path, which recomputes the logits in
+    // its own order: the forward goes there too, so lse and the logits agree.
+    if (!(log_row_sum[r] >= kSmallestLogRowSum)) return false;
     alpha[r] = 1.0f / kept[r];
   }
   return true;

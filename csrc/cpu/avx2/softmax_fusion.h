@@ -73,11 +73,12 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint6
 // maximum as the shift. Saves lse_i and log Z_i. Scratch: `bitmaps` holds
 // Ω · bitmap_words(g) words (left holding the rows' masks).
 //
-// Returns false when some row cannot be trusted in float32 this way (see kResolution), and
-// the pair must go to the portable path, which works in log space.
-bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, float scale, float shift, float* exps,
-                        const uint64_t* words, const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps,
-                        float* lse, float* log_row_sum, float* alpha);
+// Returns false when some row cannot be trusted in float32 this way (see kResolution), or
+// its log Z is below kSmallestLogRowSum (the backward's limit), and the pair must go to
+// the portable path, which works in log space.
+bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, const float* xt, float scale, float shift,
+                        float* exps, const uint64_t* words, const int32_t* match, const float* rho, bool fuse,
+                        uint64_t* bitmaps, float* lse, float* log_row_sum, float* alpha);
 
 // Zeroes the pruned entries of rows of chunk m of E (their masks in `bitmaps`).
 void zero_pruned(const Geometry& g, int64_t m, const uint64_t* bitmaps, float* exps);
