@@ -87,6 +87,7 @@ FAILURES = [
     (["bench", "--model", "deit_tiny", "--seqlen", "64"], "--seqlen: operator-benchmark shape flags"),
     (["bench", "--batch", "1,8"], "--batch takes one size for the operator benchmark"),
     (["bench", "--variants", "bspf"], "--variants is a model-benchmark flag: it needs --model"),
+    (["bench", "--threads", "1"], "--threads is a model-benchmark flag: it needs --model"),
     (["bench", "--model", "deit_tiny", "--img-size", "40"], "img_size (40) must be a multiple of patch_size (16)"),
     (["demo", "--epochs", "0"], "argument --epochs: expected an int >= 1, got 0"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),

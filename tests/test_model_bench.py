@@ -40,8 +40,11 @@ def test_run_writes_table_json_and_plot(tmp_path):
 
 def test_cli_model_bench(tmp_path, capsys):
     argv = ["bench", "--model", "deit_tiny", "--batch", "1,2", "--img-size", "32", "--repeats", "1",
-            "--warmup", "0", "--no-progress", "--out", str(tmp_path)]
+            "--warmup", "0", "--threads", "1", "--no-progress", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
     assert main(argv) == 0
+    assert torch.get_num_threads() == threads  # restored
+    assert json.loads((tmp_path / "results.json").read_text())["machine"]["threads"] == 1
     out = capsys.readouterr().out
     assert "| deit_tiny | 2 | svit |" in out and "throughput.png" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "table.md", "throughput.png"]

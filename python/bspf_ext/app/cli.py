@@ -172,7 +172,7 @@ def _cmd_bench(args) -> int:
         return _cmd_model_bench(args)
     from . import bench
 
-    for flag in ("variants", "img_size", "warmup", "out"):
+    for flag in ("variants", "img_size", "warmup", "out", "threads"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} is a model-benchmark flag: it needs --model")
     batch = [8] if args.batch is None else args.batch
@@ -198,7 +198,7 @@ def _cmd_model_bench(args) -> int:
         args.model, args.batch or [1, 8, 32, 64], args.out or "runs/bench", variants=args.variants or list(model_bench.VARIANTS),
         device=args.device, img_size=args.img_size or 224, rounds=args.repeats or 5,
         warmup=1 if args.warmup is None else args.warmup, block_size=args.block_size, keep_ratio=args.keep_ratio,
-        progress=not args.no_progress)
+        threads=args.threads, progress=not args.no_progress)
     print(result["table"])
     print(f"wrote {result['out']}/results.json, table.md, throughput.png")
     return 0
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_int_in(0), default=None, help="--model: untimed calls per model (default 1)")
     bench.add_argument("--out", default=None, help="--model: folder for results.json, table.md, throughput.png "
                                                    "(default runs/bench)")
+    bench.add_argument("--threads", type=_int_in(1), default=None,
+                       help="--model: CPU threads (default torch's; 1 is steadier on a loaded machine)")
     bench.add_argument("--no-progress", action="store_true", help="--model: no progress bar")
     bench.set_defaults(func=_cmd_bench)
     return parser

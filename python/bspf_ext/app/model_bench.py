@@ -198,12 +198,20 @@ def machine() -> dict:
     return info
 
 
-def run(model: str, batches: Sequence[int], out, **options) -> dict:
-    """benchmark_models, then results.json, table.md and throughput.png in `out`."""
-    rows = benchmark_models(model, batches, **options)
+def run(model: str, batches: Sequence[int], out, *, threads: Optional[int] = None, **options) -> dict:
+    """benchmark_models (with `threads` CPU threads, default torch's), then results.json,
+    table.md and throughput.png in `out`."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        rows = benchmark_models(model, batches, **options)
+        info = machine()
+    finally:
+        torch.set_num_threads(previous)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "options": {"model": model, "batches": list(batches), **options}, "rows": rows}
+    result = {"machine": info, "options": {"model": model, "batches": list(batches), **options}, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     table = format_table(rows)
     (out / "table.md").write_text(table + "\n")
