@@ -82,6 +82,13 @@ FAILURES = [
     (["bench", "--seqlen", "0"], "argument --seqlen: expected an int >= 1, got 0"),
     (["bench", "--block-size", "65"], "argument --block-size: expected an int in [1, 64], got 65"),
     (["bench", "--keep-ratio", "nan"], "argument --keep-ratio: expected a number in [0, 1], got nan"),
+    (["bench", "--model", "deit_small", "--batch", "1,0"], "argument --batch: expected an int >= 1, got 0"),
+    (["bench", "--model", "deit_huge"], "argument --model: invalid choice: 'deit_huge'"),
+    (["bench", "--model", "deit_tiny", "--seqlen", "64"], "--seqlen: operator-benchmark shape flags"),
+    (["bench", "--batch", "1,8"], "--batch takes one size for the operator benchmark"),
+    (["bench", "--variants", "bspf"], "--variants is a model-benchmark flag: it needs --model"),
+    (["bench", "--threads", "1"], "--threads is a model-benchmark flag: it needs --model"),
+    (["bench", "--model", "deit_tiny", "--img-size", "40"], "img_size (40) must be a multiple of patch_size (16)"),
     (["demo", "--epochs", "0"], "argument --epochs: expected an int >= 1, got 0"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]

@@ -1,5 +1,7 @@
 """Conversion from dense (timm-format) checkpoints and in-place patching."""
 
+import sys
+
 import pytest
 import torch
 
@@ -161,14 +163,12 @@ def test_bad_qk_init_and_missing_keys():
         models.load_timm_state_dict(model, state)
 
 
-def test_patch_timm_needs_timm():
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="timm"):
-            swap.timm(torch.nn.Linear(2, 2))
-    else:
-        pytest.skip("timm is installed: covered by the timm tests")
+def test_patch_timm_needs_timm(monkeypatch):
+    # Checked whether timm is installed or not: a None in sys.modules makes its import fail.
+    for name in ("timm", "timm.models", "timm.models.vision_transformer"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"needs timm \(pip install timm\)"):
+        swap.timm(torch.nn.Linear(2, 2))
 
 
 def _timm_vit():

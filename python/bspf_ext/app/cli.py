@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+# bspf_ext.app.model_bench.MODELS, spelled out so --help needs no torch import.
+MODEL_BENCH_MODELS = ("deit_tiny", "deit_small", "deit_base", "vit_tiny", "vit_small", "vit_base")
+
 # What a user's mistake raises once the arguments are parsed (the checks name the argument).
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, ImportError)
 
@@ -160,14 +163,54 @@ def _cmd_viz(args) -> int:
     return 0
 
 
+# The operator benchmark's shape flags and their defaults (None: not given).
+_OPERATOR_FLAGS = {"heads": 6, "seqlen": 197, "head_dim": 64, "forward_only": False}
+
+
 def _cmd_bench(args) -> int:
+    if args.model is not None:
+        return _cmd_model_bench(args)
     from . import bench
 
+    for flag in ("variants", "img_size", "warmup", "out", "threads"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is a model-benchmark flag: it needs --model")
+    batch = [8] if args.batch is None else args.batch
+    if len(batch) != 1:
+        raise ValueError(f"--batch takes one size for the operator benchmark (several need --model), got {args.batch}")
+    shape = {name: default if getattr(args, name) in (None, False) else getattr(args, name)
+             for name, default in _OPERATOR_FLAGS.items()}
     print(bench.format_rows(bench.compare_with_dense(
-        batch=args.batch, heads=args.heads, seqlen=args.seqlen, head_dim=args.head_dim,
-        block_size=args.block_size, keep_ratio=args.keep_ratio, repeats=args.repeats,
-        device=args.device, backward=not args.forward_only)))
+        batch=batch[0], heads=shape["heads"], seqlen=shape["seqlen"], head_dim=shape["head_dim"],
+        block_size=args.block_size, keep_ratio=args.keep_ratio, repeats=args.repeats or 20,
+        device=args.device, backward=not shape["forward_only"])))
     return 0
+
+
+def _cmd_model_bench(args) -> int:
+    from . import model_bench
+
+    given = [name for name in _OPERATOR_FLAGS if getattr(args, name) not in (None, False)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: operator-benchmark shape flags, not used with --model")
+    result = model_bench.run(
+        args.model, args.batch or [1, 8, 32, 64], args.out or "runs/bench", variants=args.variants or list(model_bench.VARIANTS),
+        device=args.device, img_size=args.img_size or 224, rounds=args.repeats or 5,
+        warmup=1 if args.warmup is None else args.warmup, block_size=args.block_size, keep_ratio=args.keep_ratio,
+        threads=args.threads, progress=not args.no_progress)
+    print(result["table"])
+    print(f"wrote {result['out']}/results.json, table.md, throughput.png")
+    return 0
+
+
+def _int_list(text: str) -> list:
+    """An argparse type: comma-separated ints >= 1, e.g. 1,8,32."""
+    parse = _int_in(1)
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return [parse(part) for part in parts]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,16 +252,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(viz)
     viz.set_defaults(func=_cmd_viz)
 
-    bench = sub.add_parser("bench", help="time the operator against dense attention at one shape")
-    bench.add_argument("--batch", type=_int_in(1), default=8)
-    bench.add_argument("--heads", type=_int_in(1), default=6)
-    bench.add_argument("--seqlen", type=_int_in(1), default=197)
-    bench.add_argument("--head-dim", type=_int_in(1), default=64)
+    bench = sub.add_parser("bench", help="time the operator against dense attention at one shape, or with "
+                                          "--model whole models (dense, chunk, bspf, svit) across batch sizes")
+    bench.add_argument("--model", choices=MODEL_BENCH_MODELS, default=None,
+                       help="benchmark this whole model instead of the operator (see docs/performance.md)")
+    bench.add_argument("--batch", type=_int_list, default=None, metavar="B[,B...]",
+                       help="batch size (default 8); with --model a list (default 1,8,32,64)")
+    bench.add_argument("--heads", type=_int_in(1), default=None, help="operator shape (default 6)")
+    bench.add_argument("--seqlen", type=_int_in(1), default=None, help="operator shape (default 197)")
+    bench.add_argument("--head-dim", type=_int_in(1), default=None, help="operator shape (default 64)")
     bench.add_argument("--block-size", type=_int_in(1, 64), default=16)
     bench.add_argument("--keep-ratio", type=_ratio, default=0.5)
-    bench.add_argument("--repeats", type=_int_in(1), default=20)
+    bench.add_argument("--repeats", type=_int_in(1), default=None, help="timed rounds (default 20; --model: 5)")
     bench.add_argument("--device", default="cpu")
-    bench.add_argument("--forward-only", action="store_true")
+    bench.add_argument("--forward-only", action="store_true", help="operator only: no backward")
+    bench.add_argument("--variants", nargs="+", choices=("dense", "chunk", "bspf", "svit"), default=None,
+                       help="--model: which models (default all; dense is always timed)")
+    bench.add_argument("--img-size", type=_int_in(16), default=None, help="--model: image size (default 224)")
+    bench.add_argument("--warmup", type=_int_in(0), default=None, help="--model: untimed calls per model (default 1)")
+    bench.add_argument("--out", default=None, help="--model: folder for results.json, table.md, throughput.png "
+                                                   "(default runs/bench)")
+    bench.add_argument("--threads", type=_int_in(1), default=None,
+                       help="--model: CPU threads (default torch's; 1 is steadier on a loaded machine)")
+    bench.add_argument("--no-progress", action="store_true", help="--model: no progress bar")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

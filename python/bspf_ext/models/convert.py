@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Mapping, Optional
 
 import torch
@@ -216,6 +217,33 @@ def _unwrap(state_dict: Mapping) -> dict:
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
+# Parts of timm ViTs that bspf_ext's VisionTransformer does not have: (what, how to spot it).
+_TIMM_ONLY = (
+    ("a distillation token (dist_token, head_dist: a distilled DeiT)", lambda keys: "dist_token" in keys),
+    ("register tokens (reg_token)", lambda keys: "reg_token" in keys),
+    ("LayerScale (blocks.*.ls1/ls2: DeiT III, DINOv2, ...)",
+     lambda keys: any(re.match(r"blocks\.\d+\.ls[12]\.", k) for k in keys)),
+    ("qk_norm (blocks.*.attn.q_norm/k_norm)", lambda keys: any(re.match(r"blocks\.\d+\.attn\.[qk]_norm\.", k) for k in keys)),
+    ("no class token", lambda keys: "pos_embed" in keys and "cls_token" not in keys),
+    ("average or attention pooling (fc_norm, attn_pool)",
+     lambda keys: any(k.startswith(("fc_norm.", "attn_pool.")) for k in keys)),
+    ("a pre-norm (norm_pre)", lambda keys: any(k.startswith("norm_pre.") for k in keys)),
+)
+
+
+def _check_timm_architecture(source: Mapping) -> None:
+    """A clear refusal of a timm checkpoint whose architecture the built-in ViT does not have
+    (rather than a list of unexpected keys, or a shape error on the way there)."""
+    keys = set(source)
+    found = [what for what, spotted in _TIMM_ONLY if spotted(keys)]
+    if found:
+        raise ValueError(
+            f"state_dict is of a timm ViT with {', '.join(found)}, which bspf_ext's VisionTransformer "
+            "(class token, token pooling) does not have; build that model with timm and swap its "
+            "attention with bspf_ext.swap.timm instead"
+        )
+
+
 def _check_model(model) -> None:
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"model must be a bspf_ext VisionTransformer (bspf_ext.models.vit_*), got {type(model).__name__}")
@@ -231,6 +259,7 @@ def convert_state_dict(
     _check_qk_init(qk_init)
     check_bool("skip_head", skip_head)
     source = _unwrap(state_dict)
+    _check_timm_architecture(source)
     target = model.state_dict()
     out = {}
     for i, block in enumerate(model.blocks):
