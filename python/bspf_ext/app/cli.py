@@ -110,7 +110,8 @@ def _config_from_args(args) -> "TrainConfig":
 def _cmd_demo(args) -> int:
     from . import demo
 
-    demo.run(args.out, epochs=args.epochs, seed=args.seed, device=args.device, variants=args.variants,
+    epochs = demo.RECIPE_EPOCHS if args.epochs is None else args.epochs
+    demo.run(args.out, epochs=epochs, seed=args.seed, device=args.device, variants=args.variants,
              quick=args.quick, progress=not args.no_progress)
     return 0
 
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train dense, chunk and BSPF micro ViTs (and ablations), compare, draw")
     demo.add_argument("--out", default="runs/demo", help="folder for checkpoints, results and the figure")
-    demo.add_argument("--epochs", type=_int_in(1), default=6)
+    demo.add_argument("--epochs", type=_int_in(1), default=None, help="(default: the recipe's)")
     demo.add_argument("--seed", type=_int_in(0), default=0)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--variants", nargs="+", default=None, help="a subset of the runs, by name")
