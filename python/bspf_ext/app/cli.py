@@ -111,6 +111,10 @@ def _cmd_demo(args) -> int:
     from . import demo
 
     epochs = demo.RECIPE_EPOCHS if args.epochs is None else args.epochs
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     demo.run(args.out, epochs=epochs, seed=args.seed, device=args.device, variants=args.variants,
              quick=args.quick, progress=not args.no_progress)
     return 0
@@ -210,7 +214,7 @@ def _cmd_study(args) -> int:
     from . import study
 
     study.run(args.out, seeds=args.seeds, epochs=args.epochs, device=args.device, variants=args.variants,
-              quick=args.quick, threads=args.threads, progress=not args.no_progress)
+              quick=args.quick, threads=args.threads, only_seeds=args.only_seeds, progress=not args.no_progress)
     return 0
 
 
@@ -224,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_int_in(0), default=0)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--variants", nargs="+", default=None, help="a subset of the runs, by name")
+    demo.add_argument("--threads", type=_int_in(1), default=None,
+                      help="torch threads (default: torch's; 1 is fastest on a shared machine)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run on tiny data")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
@@ -236,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--variants", nargs="+", default=None, help="a subset of the models, by name")
     study.add_argument("--threads", type=_int_in(1), default=None,
                        help="torch threads (default: torch's; 1 is fastest on a shared machine)")
+    study.add_argument("--only-seeds", type=_int_in(0), nargs="+", default=None,
+                       help="train just these seeds and write no summary (to spread a study over processes)")
     study.add_argument("--quick", action="store_true", help="a smoke run on tiny data; its numbers mean nothing")
     study.add_argument("--no-progress", action="store_true")
     study.set_defaults(func=_cmd_study)

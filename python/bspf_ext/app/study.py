@@ -123,9 +123,11 @@ def _machine() -> str:
 
 
 def run(out_dir="runs/study", *, seeds: int = 5, epochs=None, device: str = "auto", variants=None,
-        quick: bool = False, threads=None, progress: bool = True, log=print) -> list[dict]:
+        quick: bool = False, threads=None, only_seeds=None, progress: bool = True, log=print) -> list[dict]:
     """Trains the models over seeds 0 … seeds-1 and writes results.json, table.txt and
-    study.png under out_dir. Returns the per-model summaries."""
+    study.png under out_dir. Returns the per-model summaries. With `only_seeds`, trains just
+    those seeds and writes no summary (to spread one study over processes; a last call
+    without it gathers them)."""
     check_int("seeds", seeds, low=1)
     epochs = demo.RECIPE_EPOCHS if epochs is None else check_int("epochs", epochs, low=1)
     if threads is not None:
@@ -135,6 +137,12 @@ def run(out_dir="runs/study", *, seeds: int = 5, epochs=None, device: str = "aut
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"bspf-ext study: {len(names)} models × {seeds} seeds, {epochs} epochs (threads: {torch.get_num_threads()})")
     started = time.perf_counter()
+    if only_seeds is not None:
+        for seed in only_seeds:
+            log(f"seed {check_int('only_seeds', seed, low=0)}:")
+            demo.run_variants(out_dir / f"seed-{seed}", names, epochs=epochs, seed=seed, device=device, quick=quick,
+                              progress=progress, resume=True, log=log)
+        return []
     per_seed = {name: [] for name in names}
     for seed in range(seeds):
         log(f"seed {seed}:")
