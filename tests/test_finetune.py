@@ -121,3 +121,21 @@ def test_approximation_errors(dense_runs, tmp_path, capsys):
     assert main(["approx", "--init-from", str(dense_run), "--images", "8", "--block-size", "4",
                  "--out", str(tmp_path / "approx")]) == 0
     assert (tmp_path / "approx" / "approx.json").exists() and "no-fusion" in (tmp_path / "approx" / "table.txt").read_text()
+
+
+def test_svit_paper_recipe_from_dense(dense_runs, tmp_path):
+    """SViT's recipe as options: gates on the last block(s), per-layer targets, λ = 4, from dense."""
+    dense_run, _ = dense_runs
+    config = _tiny(tmp_path / "svit", attention="dense", pruning="svit", prune_layers=[2, 3], prune_targets=[0.7, 0.49],
+                   prune_loss_weight=4.0, init_from=str(dense_run), lr=1e-12, weight_decay=0.0)
+    result = train(config, progress=False, log=lambda m: None)
+    after = load_checkpoint(tmp_path / "svit")["model"]
+    dense_state = load_checkpoint(dense_run)["model"]
+    assert any(".gate." in key for key in after)
+    for key, value in dense_state.items():  # the dense weights, under the gated blocks' names where wrapped
+        match = [k for k in after if k == key or k.replace(".block.", ".") == key]
+        assert len(match) == 1, key
+        torch.testing.assert_close(after[match[0]], value, atol=1e-9, rtol=0)
+    assert result["config"]["prune_targets"] == [0.7, 0.49]
+    with pytest.raises(ValueError, match="one keep ratio per gated block"):
+        train(config.replace(prune_layers=None, out_dir=str(tmp_path / "bad")), progress=False, log=lambda m: None)
