@@ -1,4 +1,4 @@
-"""The `bspf-ext` command (also `python -m bspf_ext`): demo, train, eval, viz, bench.
+"""The `bspf-ext` command (also `python -m bspf_ext`): demo, study, train, eval, viz, bench, approx.
 
 A user's mistake (a bad flag or config file, a missing or damaged checkpoint, an unreadable
 image) ends the command with one line on stderr, "bspf-ext <command>: error: ...", and exit
@@ -73,6 +73,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "attention_layers":
             parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, metavar="LAYER",
                                 help="blocks that use --attention (default: all)")
+        elif f.name == "prune_layers":
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, metavar="LAYER",
+                                help="similarity/random: prune before these blocks (default: 0); "
+                                     "svit: gate these blocks (default: all but the first)")
+        elif f.name == "prune_targets":
+            parser.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, metavar="RATIO",
+                                help="svit: one keep-ratio target per gated block (default: --prune-keep-ratio)")
         else:
             kind = {int: int, float: float}.get(hint, str)
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default: {f.default})")
@@ -106,7 +113,12 @@ def _config_from_args(args) -> "TrainConfig":
 def _cmd_demo(args) -> int:
     from . import demo
 
-    demo.run(args.out, epochs=args.epochs, seed=args.seed, device=args.device, variants=args.variants,
+    epochs = demo.RECIPE_EPOCHS if args.epochs is None else args.epochs
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    demo.run(args.out, epochs=epochs, seed=args.seed, device=args.device, variants=args.variants,
              quick=args.quick, progress=not args.no_progress)
     return 0
 
@@ -213,19 +225,71 @@ def _int_list(text: str) -> list:
     return [parse(part) for part in parts]
 
 
+def _cmd_approx(args) -> int:
+    from .build import build_model, load_dataset
+    from .checkpoints import load_checkpoint
+    from .config import TrainConfig
+    from ..models import approximation_errors, format_approximation_table
+
+    state = load_checkpoint(args.init_from)
+    config = TrainConfig.from_dict(state["config"])
+    if config.attention != "dense" or config.pruning == "svit":
+        raise ValueError(f"--init-from must be a dense run without SViT gates; {args.init_from} has attention "
+                         f"{config.attention!r}, pruning {config.pruning!r}")
+    data = load_dataset(config.replace(pruning="none"))
+    model = build_model(config.replace(pruning="none"), data.num_classes, data.in_chans)
+    model.load_state_dict(state["model"])
+    images = data.test.tensors[0][: args.images]
+    result = approximation_errors(model, images, keep_ratios=args.keep_ratios, block_size=args.block_size or
+                                  config.block_size, qk_init=args.qk_init)
+    result["source"] = str(args.init_from)
+    table = format_approximation_table(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "approx.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "table.txt").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out / 'approx.json'}, {out / 'table.txt'}")
+    return 0
+
+
+def _cmd_study(args) -> int:
+    from . import study
+
+    study.run(args.out, seeds=args.seeds, epochs=args.epochs, device=args.device, variants=args.variants,
+              quick=args.quick, threads=args.threads, only_seeds=args.only_seeds, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bspf-ext", description="BSPF attention for vision transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train dense, chunk and BSPF micro ViTs (and ablations), compare, draw")
     demo.add_argument("--out", default="runs/demo", help="folder for checkpoints, results and the figure")
-    demo.add_argument("--epochs", type=_int_in(1), default=6)
+    demo.add_argument("--epochs", type=_int_in(1), default=None, help="(default: the recipe's)")
     demo.add_argument("--seed", type=_int_in(0), default=0)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--variants", nargs="+", default=None, help="a subset of the runs, by name")
+    demo.add_argument("--threads", type=_int_in(1), default=None,
+                      help="torch threads (default: torch's; 1 is fastest on a shared machine)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run on tiny data")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    study = sub.add_parser("study", help="the demo's models over several seeds: mean, std, 95%% intervals, figure")
+    study.add_argument("--out", default="runs/study", help="folder for the runs, results.json, table and figure")
+    study.add_argument("--seeds", type=_int_in(1), default=5, help="how many seeds (0 … K-1) per model")
+    study.add_argument("--epochs", type=_int_in(1), default=None, help="(default: the demo's recipe)")
+    study.add_argument("--device", default="auto")
+    study.add_argument("--variants", nargs="+", default=None, help="a subset of the models, by name")
+    study.add_argument("--threads", type=_int_in(1), default=None,
+                       help="torch threads (default: torch's; 1 is fastest on a shared machine)")
+    study.add_argument("--only-seeds", type=_int_in(0), nargs="+", default=None,
+                       help="train just these seeds and write no summary (to spread a study over processes)")
+    study.add_argument("--quick", action="store_true", help="a smoke run on tiny data; its numbers mean nothing")
+    study.add_argument("--no-progress", action="store_true")
+    study.set_defaults(func=_cmd_study)
 
     train = sub.add_parser("train", help="train one model from a config (JSON file and/or flags)")
     train.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
@@ -251,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--config", help="JSON config for the untrained model")
     _add_config_flags(viz)
     viz.set_defaults(func=_cmd_viz)
+
+    approx = sub.add_parser("approx", help="relative output error of converted BSPF layers against keep_ratio 1")
+    approx.add_argument("--init-from", required=True, help="a trained dense run (its out_dir or checkpoint)")
+    approx.add_argument("--images", type=_int_in(1), default=256, help="test images to measure on")
+    approx.add_argument("--keep-ratios", type=_ratio, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    approx.add_argument("--block-size", type=_int_in(1, 64), default=None, help="(default: the dense run's)")
+    approx.add_argument("--qk-init", choices=["spectral", "mean", "q", "k"], default="spectral")
+    approx.add_argument("--out", default="runs/approx", help="folder for approx.json and table.txt")
+    approx.set_defaults(func=_cmd_approx)
 
     bench = sub.add_parser("bench", help="time the operator against dense attention at one shape, or with "
                                           "--model whole models (dense, chunk, bspf, svit) across batch sizes")

@@ -1,5 +1,8 @@
 """`bspf-ext demo`: train small ViTs from scratch with dense, chunk and BSPF attention (and
-the paper's ablations) on the long-range digit-pairs task, print a table and draw a figure."""
+the paper's ablations) on the long-range digit-pairs task, print a table and draw a figure.
+
+The variants and the code that trains them for one seed (`run_variants`) are shared with
+`bspf-ext study` (study.py), which runs them over several seeds."""
 
 from __future__ import annotations
 
@@ -29,7 +32,24 @@ VARIANTS = {
 # name -> (the trained variant it starts from, the changes): evaluated without training.
 TRAINING_FREE = {
     "dense + similarity pruning": ("dense", dict(pruning="similarity")),
+    "dense + random pruning": ("dense", dict(pruning="random")),
 }
+
+# name -> (the trained dense variant whose weights it starts from, the changes): converted
+# (init_from, qk_init "spectral") and fine-tuned with the recipe for half its epochs.
+FINE_TUNED = {
+    "bspf from dense": ("dense", dict(attention="bspf")),
+}
+
+# What `bspf-ext demo` runs by default (three trainings, kept under 5 minutes on 2 cores);
+# `--variants` picks others, and `bspf-ext study` runs all of them over seeds.
+DEMO_VARIANTS = ("dense", "chunk", "bspf", "dense + similarity pruning", "dense + random pruning")
+ALL_VARIANTS = tuple(VARIANTS) + tuple(FINE_TUNED) + tuple(TRAINING_FREE)
+
+
+# The training recipe (measured over seeds by `bspf-ext study`: README, "demo"): epochs of
+# the full-size run; warm-up and gradient clipping are in base_config.
+RECIPE_EPOCHS = 10
 
 
 def base_config(out_dir: Path, epochs: int, seed: int, device: str, quick: bool = False) -> TrainConfig:
@@ -49,6 +69,8 @@ def base_config(out_dir: Path, epochs: int, seed: int, device: str, quick: bool 
         epochs=epochs,
         batch_size=32,  # many small steps: the pair task has a plateau that few large steps may not leave
         lr=1e-3,
+        warmup_epochs=2.0,
+        clip_grad_norm=1.0,
         seed=seed,
         device=device,
         out_dir=str(out_dir),
@@ -85,6 +107,50 @@ def _row(name: str, result: dict) -> dict:
     }
 
 
+def check_variants(names) -> list:
+    names = list(names)
+    unknown = [n for n in names if n not in ALL_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; known: {list(ALL_VARIANTS)}")
+    sources = {**TRAINING_FREE, **FINE_TUNED}
+    missing = [sources[n][0] for n in names if n in sources and sources[n][0] not in names]
+    if missing:
+        raise ValueError(f"the training-free and fine-tuned variants need {sorted(set(missing))} in the run too")
+    # sources first, in the order given
+    return [n for n in names if n in VARIANTS] + [n for n in names if n not in VARIANTS]
+
+
+def variant_config(name: str, out_dir: Path, epochs: int, seed: int, device: str, quick: bool,
+                   configs: dict) -> TrainConfig:
+    """The config a trained variant runs with (configs: the variants already trained)."""
+    config = base_config(out_dir / name.replace(" ", "-"), epochs, seed, device, quick)
+    if name in FINE_TUNED:
+        source, changes = FINE_TUNED[name]
+        return config.replace(label=name, init_from=configs[source].out_dir, epochs=max(1, (epochs + 1) // 2),
+                              **changes)
+    return config.replace(label=name, **VARIANTS[name])
+
+
+def run_variants(out_dir: Path, names, *, epochs: int, seed: int, device: str = "auto", quick: bool = False,
+                 progress: bool = True, resume: bool = False, log=print) -> tuple[list, dict]:
+    """Trains (or evaluates, for the training-free ones) each named variant at one seed under
+    out_dir: (table rows in order, {trained name: its config}). With `resume`, a run whose
+    checkpoint is there continues (a finished one is only evaluated again)."""
+    names = check_variants(names)
+    rows, configs = {}, {}
+    for name in names:
+        if name in TRAINING_FREE:
+            source, changes = TRAINING_FREE[name]
+            result = _training_free(name, configs[source], changes)
+        else:
+            config = variant_config(name, out_dir, epochs, seed, device, quick, configs)
+            result = train(config, resume=resume, progress=progress, log=lambda message: None)
+            configs[name] = config
+        rows[name] = _row(name, result)
+        log(f"  {name:28s} test accuracy {100 * result['test_accuracy']:5.1f}%  ({result['train_seconds']:.0f} s)")
+    return [rows[n] for n in names], configs
+
+
 def _training_free(name: str, trained: TrainConfig, changes: dict) -> dict:
     """Applies a training-free method to an already trained model and evaluates it."""
     config = trained.replace(label=name, **changes)
@@ -100,31 +166,15 @@ def _training_free(name: str, trained: TrainConfig, changes: dict) -> dict:
     return result
 
 
-def run(out_dir="runs/demo", *, epochs: int = 6, seed: int = 0, device: str = "auto", variants=None,
+def run(out_dir="runs/demo", *, epochs: int = RECIPE_EPOCHS, seed: int = 0, device: str = "auto", variants=None,
         quick: bool = False, progress: bool = True, log=print) -> list[dict]:
     out_dir = Path(out_dir)
-    names = list(VARIANTS) + list(TRAINING_FREE) if variants is None else list(variants)
-    unknown = [n for n in names if n not in VARIANTS and n not in TRAINING_FREE]
-    if unknown:
-        raise ValueError(f"unknown demo variants {unknown}; known: {list(VARIANTS) + list(TRAINING_FREE)}")
-    missing = [TRAINING_FREE[n][0] for n in names if n in TRAINING_FREE and TRAINING_FREE[n][0] not in names]
-    if missing:
-        raise ValueError(f"the training-free variants need {sorted(set(missing))} in the run too")
+    names = check_variants(DEMO_VARIANTS if variants is None else variants)
     log(f"bspf-ext demo: {len(names)} micro ViTs on digit-pairs (CPU path: {cpu_capability()}, "
         f"threads: {torch.get_num_threads()})")
     started = time.perf_counter()
-    rows, configs = [], {}
-    for name in names:
-        if name in TRAINING_FREE:
-            source, changes = TRAINING_FREE[name]
-            result = _training_free(name, configs[source], changes)
-        else:
-            config = base_config(out_dir / name.replace(" ", "-"), epochs, seed, device, quick)
-            config = config.replace(label=name, **VARIANTS[name])
-            result = train(config, progress=progress, log=lambda message: None)
-            configs[name] = config
-        rows.append(_row(name, result))
-        log(f"  {name:28s} test accuracy {100 * result['test_accuracy']:5.1f}%  ({result['train_seconds']:.0f} s)")
+    rows, configs = run_variants(out_dir, names, epochs=epochs, seed=seed, device=device, quick=quick,
+                                 progress=progress, log=log)
 
     table = format_table(rows)
     log("")

@@ -77,7 +77,7 @@ def flops_summary(model: VisionTransformer, config: TrainConfig | None = None, d
     measured per image on `dataset` and averaged, plus the gates' own cost)."""
     vit = model.config
     pruning = "none" if config is None else config.pruning
-    if pruning == "similarity":
+    if pruning in ("similarity", "random"):  # the same token counts
         layers, patches, tokens = set(prune_layers(config, vit.depth)), vit.num_tokens - 1, []
         for i in range(vit.depth):
             if i in layers:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..pruning import dynamic_keep_ratio_loss, gate_masks
 from .atomic import write_text_atomically
-from .build import build_model, load_dataset, resolve_device
+from .build import build_model, load_dataset, prune_targets, resolve_device
 from .checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import setup_distributed
@@ -59,7 +59,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
         out_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_dataset(config)
-    model = build_model(config, data.num_classes, data.in_chans).to(device)
+    model = build_model(config, data.num_classes, data.in_chans, initialise=True).to(device)
     # Weight decay on matrices only: not on biases, norms, the position code, or the score
     # kernel's θ (decay would pull the scorer towards the box filter).
     decay, no_decay = [], []
@@ -76,6 +76,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total_steps, warmup))
 
+    targets = prune_targets(config, len(model.blocks)) if config.pruning == "svit" else None
     start_epoch, history = 0, []
     checkpoint_path = out_dir / CHECKPOINT
     if resume and checkpoint_path.exists():
@@ -117,10 +118,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
             loss = F.cross_entropy(logits, labels)
             if config.pruning == "svit":
                 loss = loss + config.prune_loss_weight * dynamic_keep_ratio_loss(
-                    gate_masks(model), config.prune_keep_ratio
+                    gate_masks(model), targets
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item() * len(labels)

@@ -1,6 +1,7 @@
 """ViT/DeiT models with dense, chunk or BSPF attention, their FLOPs, and conversion from
 dense (timm-format) checkpoints."""
 
+from .approximation import approximation_errors, format_approximation_table
 from .convert import QK_INITS, attention_from_dense, convert_state_dict, load_timm_state_dict
 from .flops import AttentionFlops, ModelFlops, count_flops, format_flops_table
 from .vit import (
@@ -29,6 +30,8 @@ __all__ = [
     "attention_from_dense",
     "convert_state_dict",
     "load_timm_state_dict",
+    "approximation_errors",
+    "format_approximation_table",
     "AttentionFlops",
     "ModelFlops",
     "count_flops",

@@ -1,7 +1,8 @@
 """Token-reduction methods to compare with BSPF, for the same ViT models.
 
 * Similarity-based patch pruning (training-free): `similarity_prune`,
-  `SimilarityPatchPruning`, `SimilarityPrunedBlocks`.
+  `SimilarityPatchPruning`, `SimilarityPrunedBlocks`; its random baseline `random_prune`,
+  `RandomPatchPruning`.
 * SViT selective gating: `SelectiveGate`, `GatedBlock`, the keep-ratio losses and
   `gate_statistics`.
 
@@ -17,6 +18,7 @@ from .gating import (
     takes_key_mask,
 )
 from .losses import dynamic_keep_ratio_loss, fixed_keep_ratio_loss, svit_keep_targets
+from .random_pruning import RandomPatchPruning, random_keep_indices, random_prune
 from .similarity import (
     SimilarityPatchPruning,
     SimilarityPrunedBlocks,
@@ -39,6 +41,9 @@ __all__ = [
     "compose_indices",
     "SimilarityPatchPruning",
     "SimilarityPrunedBlocks",
+    "random_prune",
+    "random_keep_indices",
+    "RandomPatchPruning",
     "SelectiveGate",
     "GatedBlock",
     "gate_blocks",

@@ -26,6 +26,7 @@ from ._checks import (
     check_positive_float,
     check_tokens,
 )
+from .random_pruning import RandomPatchPruning
 from .tokens import gather_tokens, kept_indices
 
 def _working(patches: torch.Tensor) -> torch.Tensor:
@@ -349,7 +350,8 @@ class SimilarityPrunedBlocks(nn.Module):
 
     keep_ratios maps a block index i (0 … len(blocks)) to the keep ratio applied to the
     patches that reach block i (i = 0: once, before the first block; i = len(blocks):
-    after the last one), or to a SimilarityPatchPruning layer for full control. Each stage
+    after the last one), or to a SimilarityPatchPruning layer for full control (or a
+    RandomPatchPruning layer: the random baseline). Each stage
     prunes its fraction of the patches still present. `last_indices` holds the kept
     tokens' indices into the ORIGINAL input, so the spatial-diversity term and pictures
     still know where every patch sits after several stages.
@@ -375,7 +377,7 @@ class SimilarityPrunedBlocks(nn.Module):
         for index, rule in keep_ratios.items():
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= len(self.blocks):
                 raise ValueError(f"keep_ratios keys must be block indices in [0, {len(self.blocks)}], got {index!r}")
-            if not isinstance(rule, SimilarityPatchPruning):
+            if not isinstance(rule, (SimilarityPatchPruning, RandomPatchPruning)):
                 rule = SimilarityPatchPruning(
                     rule, has_class_token=has_class_token, diversity=diversity, diversity_radius=diversity_radius,
                 )
