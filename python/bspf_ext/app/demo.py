@@ -23,7 +23,8 @@ from .train import train
 VARIANTS = {
     "dense": dict(attention="dense"),
     "chunk": dict(attention="chunk"),
-    "bspf": dict(attention="bspf"),
+    "bspf": dict(attention="bspf"),  # scoring="learned": θ trained through the surrogate (docs/spec.md §4a)
+    "bspf box": dict(attention="bspf", scoring="box"),
     "bspf one-token": dict(attention="bspf", scoring="center"),
     "bspf no-fusion": dict(attention="bspf", fuse=False),
     "svit gating": dict(attention="dense", pruning="svit"),
