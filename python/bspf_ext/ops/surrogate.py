@@ -91,38 +91,41 @@ def score_kernel_gradient(grad_mask: Tensor, qk: Tensor, score_kernel: Tensor, b
     n = x.shape[-2]
     omega, chunks = block_size, num_chunks(n, block_size)
     device = x.device
-    logits = scale * (x @ x.transpose(-1, -2))
-    # An upper entry (i, j) stands for itself and its mirror (j, i): both follow its score.
-    both = grad_mask + grad_mask.transpose(-1, -2)
-    tiles = _to_blocks(logits, chunks, omega).reshape(-1, 1, omega, omega)
-    s = F.conv2d(tiles, score_kernel.detach().to(acc).reshape(1, 1, 3, 3), padding=1)
-    s = s.reshape(-1, chunks, chunks, omega * omega)
-
     sizes = [omega] * (chunks - 1) + [n - (chunks - 1) * omega]
+    # Only upper blocks with a choice (1 <= k < |block|) have a relaxation.
+    pairs = [(m, c) for m in range(chunks) for c in range(m + 1, chunks)
+             if 1 <= keep_count(keep_ratio, sizes[m], sizes[c]) < sizes[m] * sizes[c]]
+    if not pairs:
+        return torch.zeros_like(score_kernel)
+    rows = torch.tensor([m for m, _ in pairs], device=device)
+    cols = torch.tensor([c for _, c in pairs], device=device)
+    k = torch.tensor([keep_count(keep_ratio, sizes[m], sizes[c]) for m, c in pairs], device=device)
+    count = torch.tensor([sizes[m] * sizes[c] for m, c in pairs], device=device, dtype=acc)
     local = torch.arange(omega, device=device)
     size_t = torch.tensor(sizes, device=device)
-    row_valid = local[None, :] < size_t[:, None]
-    valid = (row_valid[:, None, :, None] & row_valid[None, :, None, :]).reshape(chunks, chunks, omega * omega)
-    k = torch.tensor([[keep_count(keep_ratio, a, b) for b in sizes] for a in sizes], device=device)
-    count = torch.tensor([[a * b for b in sizes] for a in sizes], device=device)
-    chunk = torch.arange(chunks, device=device)
-    decided = (chunk[:, None] < chunk[None, :]) & (k >= 1) & (k < count)  # upper blocks with a choice
+    row_valid = local[None, :] < size_t[:, None]  # (C, Ω)
+    valid = (row_valid[rows][:, :, None] & row_valid[cols][:, None, :]).reshape(len(pairs), omega * omega)
+
+    logits = scale * (x @ x.transpose(-1, -2))
+    tiles = _to_blocks(logits, chunks, omega)[..., rows, cols, :, :].reshape(-1, len(pairs), omega, omega)
+    # S = conv3x3(L, W) with zero padding: the nine shifted copies of each block (its taps),
+    # weighted. S is linear in W, so the taps are also ∂S/∂W.
+    padded = F.pad(tiles, (1, 1, 1, 1))
+    taps = torch.stack([padded[..., a : a + omega, b : b + omega] for a in range(3) for b in range(3)], dim=-1)
+    taps = taps.reshape(*taps.shape[:-3], omega * omega, 9)
+    s = taps @ score_kernel.detach().to(acc).reshape(9)  # (batch, pairs, Ω·Ω)
 
     ranked = s.masked_fill(~valid, -math.inf).sort(dim=-1, descending=True).values
-    def entry(index: Tensor) -> Tensor:  # the index-th largest score of every block
-        return ranked.gather(-1, index[None, :, :, None].expand(ranked.shape[0], -1, -1, 1))
-
-    kth, next_ = entry((k - 1).clamp(min=0)), entry(k.clamp(max=omega * omega - 1))
-    threshold = 0.5 * (kth + next_)
-    filled = torch.where(valid, s, 0.0)
-    mean = filled.sum(-1, keepdim=True) / count[..., None]
-    spread = (torch.where(valid, s - mean, 0.0).square().sum(-1, keepdim=True) / count[..., None]).sqrt()
-    active = decided[..., None] & valid & (spread > 0) & torch.isfinite(threshold)
+    kth = ranked.gather(-1, (k - 1)[None, :, None].expand(ranked.shape[0], -1, 1))
+    threshold = 0.5 * (kth + ranked.gather(-1, k[None, :, None].expand(ranked.shape[0], -1, 1)))
+    mean = torch.where(valid, s, 0.0).sum(-1, keepdim=True) / count[:, None]
+    spread = (torch.where(valid, s - mean, 0.0).square().sum(-1, keepdim=True) / count[:, None]).sqrt()
+    active = valid & (spread > 0) & torch.isfinite(threshold)
     spread = torch.where(spread > 0, spread, 1.0)
     sig = torch.sigmoid((s - torch.where(torch.isfinite(threshold), threshold, 0.0)) / spread)
     slope = sig * (1.0 - sig) / spread
-    upstream = _to_blocks(both, chunks, omega).reshape(-1, chunks, chunks, omega * omega)
-    grad_scores = torch.where(active, upstream * slope, 0.0).reshape(-1, 1, omega * omega)
-    # S = conv3x3(L, W) is linear in W: ∂S(e)/∂W[a, b] is the logit under tap (a, b) of e.
-    taps = F.unfold(tiles, kernel_size=3, padding=1)  # (blocks, 9, Ω·Ω)
-    return (taps * grad_scores).sum((0, 2)).reshape(3, 3).to(score_kernel.dtype)
+    # An upper entry (i, j) stands for itself and its mirror (j, i): both follow its score.
+    both = grad_mask + grad_mask.transpose(-1, -2)
+    upstream = _to_blocks(both, chunks, omega)[..., rows, cols, :, :].reshape(-1, len(pairs), omega * omega)
+    grad_scores = torch.where(active, upstream * slope, 0.0)
+    return (grad_scores.reshape(1, -1) @ taps.reshape(-1, 9)).reshape(3, 3).to(score_kernel.dtype)
