@@ -80,8 +80,8 @@ class _SurrogateScoreKernel(torch.autograd.Function):
         grad_qk, grad_v = backward_op(grad_out, qk, v, *saved, ctx.block_size, ctx.fuse, ctx.scale)
         grad_kernel = None
         if ctx.needs_input_grad[2]:
-            grad_mask = surrogate.mask_gradient(grad_out, qk, v, *saved, ctx.block_size, ctx.fuse, ctx.scale)
-            grad_kernel = surrogate.score_kernel_gradient(
-                grad_mask, qk, score_kernel, ctx.block_size, ctx.keep_ratio, ctx.scale
-            )
+            logits = surrogate.logits_of(qk, ctx.scale)
+            grad_mask = surrogate.mask_gradient(grad_out, logits, v, *saved, ctx.block_size, ctx.fuse)
+            grad_kernel = surrogate.score_kernel_gradient(grad_mask, logits, score_kernel, ctx.block_size,
+                                                          ctx.keep_ratio)
         return grad_qk, grad_v, grad_kernel, None, None, None, None

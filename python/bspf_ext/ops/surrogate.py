@@ -20,7 +20,7 @@ from torch import Tensor
 from .geometry import accumulation_dtype, keep_count, num_chunks
 from .library import unpack_mask_words
 
-__all__ = ["mask_gradient", "score_kernel_gradient"]
+__all__ = ["logits_of", "mask_gradient", "score_kernel_gradient"]
 
 
 def _to_blocks(square: Tensor, chunks: int, omega: int) -> Tensor:
@@ -50,13 +50,18 @@ def _bounded_exp(x: Tensor) -> Tensor:
     return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max) - 8.0))
 
 
-def mask_gradient(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, block_size, fuse, scale) -> Tensor:
+def logits_of(qk: Tensor, scale: float) -> Tensor:
+    """L = scale · X Xᵀ in the accumulation type, once for both steps below."""
+    x = qk.to(accumulation_dtype(qk.dtype))
+    return scale * (x @ x.transpose(-1, -2))
+
+
+def mask_gradient(grad_out, logits, v, mask_words, match, rho, lse, log_row_sum, block_size, fuse) -> Tensor:
     """∂loss/∂M (B, H, N, N): the gradient of the output with respect to every entry of the
     keep mask taken as a real number, with H and b(i) held fixed (docs/spec.md §4a)."""
-    acc = accumulation_dtype(qk.dtype)
-    x, values, g = qk.to(acc), v.to(acc), grad_out.to(acc)
-    n = x.shape[-2]
-    logits = scale * (x @ x.transpose(-1, -2))
+    acc = logits.dtype
+    values, g = v.to(acc), grad_out.to(acc)
+    n = logits.shape[-1]
     mask = unpack_mask_words(mask_words, n, block_size)
     m = mask.to(acc)
     log_p = logits - lse[..., None].to(acc)  # log P(i, j)
@@ -83,14 +88,13 @@ def mask_gradient(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, blo
     return grad_m
 
 
-def score_kernel_gradient(grad_mask: Tensor, qk: Tensor, score_kernel: Tensor, block_size: int,
-                          keep_ratio: float, scale: float) -> Tensor:
+def score_kernel_gradient(grad_mask: Tensor, logits: Tensor, score_kernel: Tensor, block_size: int,
+                          keep_ratio: float) -> Tensor:
     """The surrogate gradient of the (3, 3) score kernel from ∂loss/∂M (docs/spec.md §4a)."""
     acc = grad_mask.dtype
-    x = qk.to(acc)
-    n = x.shape[-2]
+    n = logits.shape[-1]
     omega, chunks = block_size, num_chunks(n, block_size)
-    device = x.device
+    device = logits.device
     sizes = [omega] * (chunks - 1) + [n - (chunks - 1) * omega]
     # Only upper blocks with a choice (1 <= k < |block|) have a relaxation.
     pairs = [(m, c) for m in range(chunks) for c in range(m + 1, chunks)
@@ -106,7 +110,6 @@ def score_kernel_gradient(grad_mask: Tensor, qk: Tensor, score_kernel: Tensor, b
     row_valid = local[None, :] < size_t[:, None]  # (C, Ω)
     valid = (row_valid[rows][:, :, None] & row_valid[cols][:, None, :]).reshape(len(pairs), omega * omega)
 
-    logits = scale * (x @ x.transpose(-1, -2))
     tiles = _to_blocks(logits, chunks, omega)[..., rows, cols, :, :].reshape(-1, len(pairs), omega, omega)
     # S = conv3x3(L, W) with zero padding: the nine shifted copies of each block (its taps),
     # weighted. S is linear in W, so the taps are also ∂S/∂W.
