@@ -8,6 +8,13 @@
 namespace bspf::cpu::avx2 {
 namespace {
 
+constexpr ByteLaneMasks make_byte_lane_masks() {
+  ByteLaneMasks t{};
+  for (int byte = 0; byte < 256; ++byte)
+    for (int lane = 0; lane < 8; ++lane) t.lanes[byte][lane] = (byte >> lane & 1) ? -1 : 0;
+  return t;
+}
+
 // Below this a row's sum of exps under the common shift is refused: the row's maximum is
 // then more than 40 − ln N below the shift, and its entries near the maximum would come
 // closer than e^-35 to float32's smallest normal number. Above it, whatever underflows
@@ -62,6 +69,8 @@ float fuse_row(const Geometry& g, const uint64_t* wi, const uint64_t* wp, float 
 }
 
 }  // namespace
+
+constexpr ByteLaneMasks kByteLaneMasks = make_byte_lane_masks();
 
 void probs_row(const Geometry& g, float* row, float lse) {
   const __m256 vlse = _mm256_set1_ps(lse), zero = _mm256_setzero_ps();
@@ -151,17 +160,25 @@ bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, const floa
     float* row = exps + i * g.ld;
     float row_shift = shift;
     for (int attempt = 0; attempt < 2; ++attempt) {
-      __m256 sum = _mm256_setzero_ps(), kept_sum = sum;
-      uint64_t bits = 0;
-      for (int64_t j = 0; j < g.ld; j += kLanes) {
-        if (j % 64 == 0) bits = bitmap[j / 64];
-        const __m256 e = _mm256_loadu_ps(row + j);
-        sum = _mm256_add_ps(sum, e);
-        kept_sum = _mm256_add_ps(kept_sum, _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), e));
-        bits >>= 8;
+      // Two vectors per step into two accumulators each: one chain of adds would wait on
+      // the add latency.
+      __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0, kept0 = sum0, kept1 = sum0;
+      int64_t j = 0;
+      for (; j + 2 * kLanes <= g.ld; j += 2 * kLanes) {
+        const uint32_t bits = static_cast<uint32_t>(bitmap[j / 64] >> (j % 64));
+        const __m256 e0 = _mm256_loadu_ps(row + j), e1 = _mm256_loadu_ps(row + j + kLanes);
+        sum0 = _mm256_add_ps(sum0, e0);
+        sum1 = _mm256_add_ps(sum1, e1);
+        kept0 = _mm256_add_ps(kept0, _mm256_and_ps(expand_bits(bits & 0xFFu), e0));
+        kept1 = _mm256_add_ps(kept1, _mm256_and_ps(expand_bits(bits >> 8 & 0xFFu), e1));
       }
-      total[r] = hsum(sum);
-      kept[r] = hsum(kept_sum);
+      if (j < g.ld) {
+        const __m256 e = _mm256_loadu_ps(row + j);
+        sum0 = _mm256_add_ps(sum0, e);
+        kept0 = _mm256_add_ps(kept0, _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), e));
+      }
+      total[r] = hsum(_mm256_add_ps(sum0, sum1));
+      kept[r] = hsum(_mm256_add_ps(kept0, kept1));
       if (total[r] >= kSmallestSum && total[r] <= __FLT_MAX__) break;
       row_shift = row_shifted_exps(g, x, xt, scale, i, row);
     }
