@@ -1,7 +1,9 @@
-"""The AVX2+FMA CPU path against the reference and against the portable path, each
-forced through BSPF_CPU_CAPABILITY (SPEC §6: float32 to 1e-5 with the near-tie rule).
+"""The vector CPU paths (AVX2+FMA, and AVX-512 where the CPU has it) against the reference
+and against the portable path, each forced through BSPF_CPU_CAPABILITY (SPEC §6: float32
+to 1e-5 with the near-tie rule). Every test of a vector path runs once per path this CPU
+can run (the `vector_path` fixture).
 
-The AVX2 path vectorises dot products and sums, so its float32 scores can round
+The vector paths vectorise dot products and sums, so their float32 scores can round
 differently from the portable path's: a mask may then differ at a near-tie of a block's
 k-th score, and each path is compared with the float64 reference computed with its own
 mask and match. On exactly representable inputs both paths must agree bit for bit on
@@ -23,29 +25,37 @@ from bspf_ext.ops.library import unpack_mask_words
 from support import OUTPUT_RTOL, assert_mask_near_float64, assert_match_near_float64, random_inputs
 
 
-def _cpu_has_avx2() -> bool:
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
+            return set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
     except (OSError, AttributeError):
-        return False
-    return {"avx2", "fma"} <= flags
+        return set()
 
 
-HAS_AVX2 = _cpu_has_avx2()
+HAS_AVX2 = {"avx2", "fma"} <= _cpu_flags()
+HAS_AVX512 = HAS_AVX2 and "avx512f" in _cpu_flags()
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2+FMA")
+needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512F")
 
 RTOL = OUTPUT_RTOL[torch.float32]
 
 
 @pytest.fixture
 def capability(monkeypatch):
-    """capability("avx2") forces a path for the calls that follow."""
+    """capability("avx2") forces a path for the calls that follow (scalar, avx2, avx512)."""
 
     def force(name: str) -> None:
         monkeypatch.setenv("BSPF_CPU_CAPABILITY", name)
 
     return force
+
+
+@pytest.fixture(params=[pytest.param("avx2", marks=needs_avx2), pytest.param("avx512", marks=needs_avx512)])
+def vector_path(request, capability):
+    """Each vector path in turn, forced for the calls that follow."""
+    capability(request.param)
+    return request.param
 
 
 def _inputs(b, h, n, d, dv=None, *, seed=0, dtype=torch.float32):
@@ -89,17 +99,18 @@ def _check_path(qk, v, *, block_size, keep_ratio, fuse=True, scale=None, kernel=
 def test_capability_reports_and_forces_the_path(capability):
     capability("scalar")
     assert bspf_ext.cpu_capability() == "scalar"
-    if HAS_AVX2:
-        capability("avx2")
-        assert bspf_ext.cpu_capability() == "avx2"
+    for path, available in (("avx2", HAS_AVX2), ("avx512", HAS_AVX512)):
+        if available:
+            capability(path)
+            assert bspf_ext.cpu_capability() == path
     os.environ.pop("BSPF_CPU_CAPABILITY")
-    assert bspf_ext.cpu_capability() == ("avx2" if HAS_AVX2 else "scalar")
+    assert bspf_ext.cpu_capability() == ("avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else "scalar")
 
 
 def test_invalid_capability_is_a_clear_error(capability):
     qk, v = _inputs(1, 1, 8, 4)
-    capability("avx512")
-    with pytest.raises(ValueError, match="BSPF_CPU_CAPABILITY must be 'scalar' or 'avx2'"):
+    capability("avx1024")
+    with pytest.raises(ValueError, match="BSPF_CPU_CAPABILITY must be 'scalar', 'avx2' or 'avx512'"):
         bspf_ext.block_symmetric_attention(qk, v, block_size=4)
     with pytest.raises(ValueError, match="BSPF_CPU_CAPABILITY"):
         bspf_ext.block_symmetric_attention(qk.double(), v.double(), block_size=4)
@@ -110,6 +121,14 @@ def test_forcing_avx2_without_avx2_is_a_clear_error(capability):
     qk, v = _inputs(1, 1, 8, 4)
     capability("avx2")
     with pytest.raises(RuntimeError, match="does not support AVX2"):
+        bspf_ext.block_symmetric_attention(qk, v, block_size=4)
+
+
+@pytest.mark.skipif(HAS_AVX512, reason="needs a CPU without AVX-512")
+def test_forcing_avx512_without_avx512_is_a_clear_error(capability):
+    qk, v = _inputs(1, 1, 8, 4)
+    capability("avx512")
+    with pytest.raises(RuntimeError, match="does not support AVX-512"):
         bspf_ext.block_symmetric_attention(qk, v, block_size=4)
 
 
@@ -127,30 +146,27 @@ SHAPES = [
 ]
 
 
-@needs_avx2
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("block_size", [1, 7, 16, 64])
-@pytest.mark.parametrize("path", ["avx2", "scalar"])
+@pytest.mark.parametrize(
+    "path", [pytest.param("avx2", marks=needs_avx2), pytest.param("avx512", marks=needs_avx512), "scalar"]
+)
 def test_forward_matches_reference(capability, path, shape, block_size):
     capability(path)
     qk, v = _inputs(*shape, seed=block_size)
     _check_path(qk, v, block_size=block_size, keep_ratio=0.5)
 
 
-@needs_avx2
 @pytest.mark.parametrize("block_size", range(1, 65))
-def test_every_block_size(capability, block_size):
-    capability("avx2")
+def test_every_block_size(vector_path, block_size):
     qk, v = _inputs(1, 2, 67, 12, 10, seed=block_size)
     _check_path(qk, v, block_size=block_size, keep_ratio=0.37)
 
 
-@needs_avx2
 @pytest.mark.parametrize("keep_ratio", [0.0, 1.0])
 @pytest.mark.parametrize("block_size", [1, 5, 16])
-def test_keep_ratio_limits(capability, keep_ratio, block_size):
+def test_keep_ratio_limits(vector_path, keep_ratio, block_size):
     """keep_ratio 1 is dense attention and 0 is chunk attention (SPEC §1)."""
-    capability("avx2")
     qk, v = _inputs(2, 2, 45, 12, 9, seed=3)
     out, mask, *_ = _check_path(qk, v, block_size=block_size, keep_ratio=keep_ratio)
     chunk = torch.arange(45) // block_size
@@ -160,11 +176,9 @@ def test_keep_ratio_limits(capability, keep_ratio, block_size):
         torch.testing.assert_close(out.double(), dense, rtol=RTOL, atol=RTOL)
 
 
-@needs_avx2
 @pytest.mark.parametrize("fuse", [True, False])
-def test_options_scale_kernel_and_strides(capability, fuse):
+def test_options_scale_kernel_and_strides(vector_path, fuse):
     """fuse=False, a non-default scale (negative too), a non-box kernel, strided inputs."""
-    capability("avx2")
     base, v = _inputs(2, 21, 3, 40, seed=5)  # (B, N, H, D) then viewed as (B, H, N, D)
     qk = base.transpose(1, 2)
     v = v[..., :24].transpose(1, 2)
@@ -176,14 +190,12 @@ def test_options_scale_kernel_and_strides(capability, fuse):
 
 
 
-@needs_avx2
 @pytest.mark.parametrize("keep_ratio", [0.05, 0.5, 0.93])
 @pytest.mark.parametrize("shape", ["cubed", "sparse", "constant rows"])
-def test_selection_with_scores_far_from_normal(capability, keep_ratio, shape):
+def test_selection_with_scores_far_from_normal(vector_path, keep_ratio, shape):
     """The k-th score search starts where a normal distribution of the block's scores puts
     it; heavy tails, a spike of equal scores and constant blocks must still give the exact
     top k (SPEC §3.3), whatever that first guess is worth."""
-    capability("avx2")
     qk, v = _inputs(2, 2, 70, 8, seed=11)
     if shape == "cubed":
         qk = qk**3  # heavy tails: a few huge logits, most near 0
@@ -194,15 +206,13 @@ def test_selection_with_scores_far_from_normal(capability, keep_ratio, shape):
     _check_path(qk, v, block_size=16, keep_ratio=keep_ratio)
 
 
-@needs_avx2
 @pytest.mark.parametrize("spread", [1.0, 2.0, 4.0, 12.0])
 @pytest.mark.parametrize("dv", [64, 16, 10])  # the 64-wide A·V path, the paired one, a padded one
-def test_tokens_of_very_different_norms(capability, spread, dv):
+def test_tokens_of_very_different_norms(vector_path, spread, dv):
     """The AVX2 forward shifts every logit by one bound (the largest |L_ii|) so that exp(L − c)
     is symmetric; rows far below the bound, whose sums would lose float32 precision, are
     recomputed with their own maximum. Token norms spread over a factor `spread` put rows
     on both sides of that line (none below it at 1, most at 4; logits reach ~770 at 12)."""
-    capability("avx2")
     qk, v = _inputs(2, 2, 75, 16, dv, seed=int(spread))
     order = torch.randperm(75, generator=torch.Generator().manual_seed(2))
     norms = torch.logspace(0, torch.log10(torch.tensor(spread)).item(), 75)[order]
@@ -210,9 +220,8 @@ def test_tokens_of_very_different_norms(capability, spread, dv):
     for fuse in (True, False):
         _check_path(qk, v, block_size=16, keep_ratio=0.5, fuse=fuse)
 
-@needs_avx2
 @pytest.mark.parametrize("block_size", [3, 8, 16])
-def test_exact_scores_give_identical_masks_ties_included(capability, block_size):
+def test_exact_scores_give_identical_masks_ties_included(capability, vector_path, block_size):
     """With integer inputs and a power-of-two kernel every score is exact in float32, so
     the two paths must choose the same entries, including among exactly tied scores
     (the smaller row-major index wins), and the same matches."""
@@ -222,29 +231,25 @@ def test_exact_scores_give_identical_masks_ties_included(capability, block_size)
     v = torch.randn(2, 2, 53, 8, generator=gen)
     kernel = torch.full((3, 3), 0.125)
     results = {}
-    for path in ("avx2", "scalar"):
+    for path in (vector_path, "scalar"):
         capability(path)
         results[path] = _forward(qk, v, block_size=block_size, keep_ratio=0.4, scale=1.0, kernel=kernel)
-    assert torch.equal(results["avx2"][1], results["scalar"][1])
-    assert torch.equal(results["avx2"][2], results["scalar"][2])
+    assert torch.equal(results[vector_path][1], results["scalar"][1])
+    assert torch.equal(results[vector_path][2], results["scalar"][2])
     mask64 = reference.block_mask(qk.double(), kernel.double(), block_size=block_size, keep_ratio=0.4, scale=1.0)
-    assert torch.equal(results["avx2"][1], mask64)
-    torch.testing.assert_close(results["avx2"][0], results["scalar"][0], rtol=RTOL, atol=RTOL)
+    assert torch.equal(results[vector_path][1], mask64)
+    torch.testing.assert_close(results[vector_path][0], results["scalar"][0], rtol=RTOL, atol=RTOL)
 
 
-@needs_avx2
-def test_block_mask_is_the_forward_mask(capability):
-    capability("avx2")
+def test_block_mask_is_the_forward_mask(vector_path):
     qk, v = _inputs(2, 3, 90, 16, seed=7)
     _, mask, *_ = _forward(qk, v, block_size=8, keep_ratio=0.45)
     assert torch.equal(bspf_ext.block_mask(qk, block_size=8, keep_ratio=0.45), mask)
 
 
-@needs_avx2
-def test_paths_agree(capability):
+def test_paths_agree(capability, vector_path):
     """Where the two paths choose the same mask and matches, outputs agree to float32 rounding."""
     qk, v = _inputs(4, 6, 197, 64, seed=11)
-    capability("avx2")
     out_a, mask_a, match_a, _ = _forward(qk, v, block_size=16, keep_ratio=0.5)
     capability("scalar")
     out_s, mask_s, match_s, _ = _forward(qk, v, block_size=16, keep_ratio=0.5)
@@ -253,12 +258,11 @@ def test_paths_agree(capability):
     torch.testing.assert_close(out_a[same], out_s[same], rtol=RTOL, atol=RTOL)
 
 
-@needs_avx2
-def test_float64_keeps_the_portable_path(capability):
+def test_float64_keeps_the_portable_path(capability, vector_path):
     """float64 runs the portable kernels under either setting, bit for bit."""
     qk, v = _inputs(1, 2, 40, 8, dtype=torch.float64)
     outs = []
-    for path in ("avx2", "scalar"):
+    for path in (vector_path, "scalar"):
         capability(path)
         outs.append(bspf_ext.block_symmetric_attention(qk, v, block_size=8))
     assert torch.equal(outs[0], outs[1])
@@ -287,7 +291,6 @@ def _assert_grads_close(actual, expected):
         torch.testing.assert_close(a.double(), e, rtol=RTOL, atol=RTOL * e.abs().max().item())
 
 
-@needs_avx2
 @pytest.mark.parametrize(
     "shape, block_size, keep_ratio, fuse",
     [
@@ -301,8 +304,7 @@ def _assert_grads_close(actual, expected):
         ((1, 1, 1, 4, 4), 4, 0.5, True),
     ],
 )
-def test_backward_matches_reference_autograd(capability, shape, block_size, keep_ratio, fuse):
-    capability("avx2")
+def test_backward_matches_reference_autograd(vector_path, shape, block_size, keep_ratio, fuse):
     qk, v = _inputs(*shape, seed=2)
     grad_out = torch.randn(*shape[:3], shape[4], generator=torch.Generator().manual_seed(9))
     _, mask, match, saved = _forward(qk, v, block_size=block_size, keep_ratio=keep_ratio, fuse=fuse)
@@ -311,9 +313,7 @@ def test_backward_matches_reference_autograd(capability, shape, block_size, keep
     _assert_grads_close(grads, expected)
 
 
-@needs_avx2
-def test_backward_through_autograd_with_strided_grad(capability):
-    capability("avx2")
+def test_backward_through_autograd_with_strided_grad(vector_path):
     qk, v = _inputs(2, 2, 33, 10, 6, seed=4)
     qk.requires_grad_()
     v.requires_grad_()
@@ -325,10 +325,10 @@ def test_backward_through_autograd_with_strided_grad(capability):
     _assert_grads_close((qk.grad, v.grad), expected)
 
 
-@needs_avx2
-@pytest.mark.parametrize("forward_path, backward_path", [("avx2", "scalar"), ("scalar", "avx2")])
-def test_saved_buffers_are_interchangeable(capability, forward_path, backward_path):
+@pytest.mark.parametrize("vector_forward", [True, False])
+def test_saved_buffers_are_interchangeable(capability, vector_path, vector_forward):
     """One path's saved choices and statistics drive the other path's backward."""
+    forward_path, backward_path = (vector_path, "scalar") if vector_forward else ("scalar", vector_path)
     qk, v = _inputs(2, 3, 83, 24, 16, seed=8)
     grad_out = torch.randn(2, 3, 83, 16, generator=torch.Generator().manual_seed(1))
     capability(forward_path)
@@ -345,10 +345,8 @@ def test_saved_buffers_are_interchangeable(capability, forward_path, backward_pa
 # --------------------------------------------------------------------- determinism
 
 
-@needs_avx2
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_repeated_calls_are_bitwise_identical(capability, threads):
-    capability("avx2")
+def test_repeated_calls_are_bitwise_identical(vector_path, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -368,9 +366,7 @@ def test_repeated_calls_are_bitwise_identical(capability, threads):
         torch.set_num_threads(previous)
 
 
-@needs_avx2
-def test_thread_count_does_not_change_results(capability):
-    capability("avx2")
+def test_thread_count_does_not_change_results(vector_path):
     qk, v = _inputs(2, 3, 40, 8, seed=12)
     previous = torch.get_num_threads()
     outs = []

@@ -26,7 +26,7 @@ import bspf_ext
 from bspf_ext import reference
 from naive import naive_bspf
 from support import GRAD_RTOL, OUTPUT_RTOL, kernel_choices, random_inputs
-from test_cpu_simd import needs_avx2
+from test_cpu_simd import needs_avx2, needs_avx512
 
 LOGITS = [1e2, 1e4, 1e5]
 
@@ -71,6 +71,7 @@ def _paths():
         pytest.param("scalar", torch.float64, id="scalar-float64"),
         pytest.param("scalar", torch.float32, id="scalar-float32"),
         pytest.param("avx2", torch.float32, id="avx2-float32", marks=needs_avx2),
+        pytest.param("avx512", torch.float32, id="avx512-float32", marks=needs_avx512),
     ]
 
 
@@ -111,20 +112,22 @@ def test_cpu_gradients_finite_and_equal_to_reference(monkeypatch, path, dtype, m
         torch.testing.assert_close(g.double(), e, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
 
 
-@needs_avx2
-def test_avx2_hands_extreme_pairs_to_the_portable_path(monkeypatch):
-    # Head 0 holds the hard case, head 1 ordinary logits: the AVX2 path computes head 1
+@pytest.mark.parametrize(
+    "vector_path", [pytest.param("avx2", marks=needs_avx2), pytest.param("avx512", marks=needs_avx512)]
+)
+def test_vector_paths_hand_extreme_pairs_to_the_portable_path(monkeypatch, vector_path):
+    # Head 0 holds the hard case, head 1 ordinary logits: the vector path computes head 1
     # itself and hands head 0 to the portable path, whose result it then is, bit for bit.
     hard, _ = extreme_inputs(1, 1, 70, 8, max_logit=1e5, dtype=torch.float32)
     easy, v = random_inputs(1, 2, 70, 8, dtype=torch.float32, seed=3)
     qk = torch.cat([hard, easy[:, 1:]], dim=1)
     results = {}
-    for path in ("scalar", "avx2"):
+    for path in ("scalar", vector_path):
         monkeypatch.setenv("BSPF_CPU_CAPABILITY", path)
         a = qk.clone().requires_grad_()
         out = bspf_ext.block_symmetric_attention(a, v, block_size=16)
         out.backward(torch.ones_like(out))
         results[path] = (out.detach(), a.grad)
-    for got, expected in zip(results["avx2"], results["scalar"]):
+    for got, expected in zip(results[vector_path], results["scalar"]):
         assert torch.equal(got[:, 0], expected[:, 0])
         assert torch.isfinite(got).all()

@@ -1,10 +1,12 @@
-// Chooses the CPU implementation per call: the AVX2+FMA path for float32 when this CPU
-// has AVX2 and FMA, the portable path otherwise (and always for float64).
-// BSPF_CPU_CAPABILITY=scalar|avx2 forces one (tests use it to compare the paths).
+// Chooses the CPU implementation per call: for float32 the AVX2+FMA path, with its
+// products 16 lanes wide ("avx512") when this CPU has AVX-512F, 8 lanes wide ("avx2") when
+// it has AVX2 and FMA only; the portable path otherwise (and always for float64).
+// BSPF_CPU_CAPABILITY=scalar|avx2|avx512 forces one (tests use it to compare the paths).
 //
 // Compiled for baseline x86-64 (no -mavx2): it must run, and refuse clearly, on any CPU.
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -26,6 +28,32 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if defined(BSPF_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  // As above, for the zmm and mask registers.
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+// Why a forced capability cannot run here, or null when it can.
+const char* unavailable(const char* name) {
+  if (std::strcmp(name, "scalar") == 0) return nullptr;
+  if (std::strcmp(name, "avx2") == 0) {
+#if defined(BSPF_HAVE_AVX2)
+    return cpu_has_avx2() ? nullptr : "this CPU does not support AVX2 and FMA";
+#else
+    return "this build has no AVX2 path (not an x86-64 build)";
+#endif
+  }
+#if defined(BSPF_HAVE_AVX512)
+  return cpu_has_avx512() ? nullptr : "this CPU does not support AVX-512F (with AVX2 and FMA)";
+#else
+  return "this build has no AVX-512 path (not an x86-64 build, or a compiler without -mavx512f)";
 #endif
 }
 
@@ -71,6 +99,14 @@ WorkspacePool& pool() {
   return instance;
 }
 
+// The products of the path capability() names ("avx2" or "avx512").
+const avx2::Products& products() {
+#if defined(BSPF_HAVE_AVX512)
+  if (std::strcmp(capability(), "avx512") == 0) return avx512::kProducts;
+#endif
+  return avx2::kProducts;
+}
+
 // Runs pair_fn(pair, workspace) for every (b, h) pair on params' threads; each pair is
 // computed start to end by one thread, so results do not depend on scheduling.
 template <typename Params, typename PairFn>
@@ -100,8 +136,8 @@ avx2::KeepCounts keep_counts(const ForwardParams& params) {
 
 // capability() first: a bad BSPF_CPU_CAPABILITY is an error whatever the dtype.
 bool use_avx2(DType dtype) {
-  const bool avx2 = std::strcmp(capability(), "avx2") == 0;
-  return avx2 && dtype == DType::kFloat32;
+  const bool vector_path = std::strcmp(capability(), "scalar") != 0;
+  return vector_path && dtype == DType::kFloat32;
 }
 
 #endif  // BSPF_HAVE_AVX2
@@ -111,21 +147,17 @@ bool use_avx2(DType dtype) {
 const char* capability() {
   const char* forced = std::getenv("BSPF_CPU_CAPABILITY");
   if (forced && *forced) {
-    if (std::strcmp(forced, "scalar") == 0) return "scalar";
-    if (std::strcmp(forced, "avx2") == 0) {
-      if (!cpu_has_avx2())
-        throw std::runtime_error(
-#if defined(BSPF_HAVE_AVX2)
-            "BSPF_CPU_CAPABILITY=avx2, but this CPU does not support AVX2 and FMA; unset it or use 'scalar'"
-#else
-            "BSPF_CPU_CAPABILITY=avx2, but this build has no AVX2 path (not an x86-64 build); "
-            "unset it or use 'scalar'"
-#endif
-        );
-      return "avx2";
+    for (const char* name : {"scalar", "avx2", "avx512"}) {
+      if (std::strcmp(forced, name) != 0) continue;
+      if (const char* why = unavailable(name))
+        throw std::runtime_error(std::string("BSPF_CPU_CAPABILITY=") + name + ", but " + why +
+                                 "; unset it or use 'scalar'");
+      return name;
     }
-    throw std::invalid_argument(std::string("BSPF_CPU_CAPABILITY must be 'scalar' or 'avx2', got '") + forced + "'");
+    throw std::invalid_argument(std::string("BSPF_CPU_CAPABILITY must be 'scalar', 'avx2' or 'avx512', got '") +
+                                forced + "'");
   }
+  if (cpu_has_avx512()) return "avx512";
   return cpu_has_avx2() ? "avx2" : "scalar";
 }
 
@@ -134,7 +166,10 @@ void mask(const ForwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (use_avx2(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
-    return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) { return avx2::mask_pair(params, keep, pair, ws); });
+    const avx2::Products& chosen = products();
+    return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
+      return avx2::mask_pair(params, keep, chosen, pair, ws);
+    });
   }
 #else
   capability();  // rejects a bad BSPF_CPU_CAPABILITY
@@ -147,8 +182,9 @@ void forward(const ForwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (use_avx2(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
+    const avx2::Products& chosen = products();
     return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
-      const avx2::Outcome outcome = avx2::forward_pair(params, keep, pair, ws);
+      const avx2::Outcome outcome = avx2::forward_pair(params, keep, chosen, pair, ws);
       if (outcome == avx2::Outcome::kNeedsPortable) scalar::forward_one_pair(params, pair);
       return outcome != avx2::Outcome::kNoMemory;
     });
@@ -162,12 +198,14 @@ void forward(const ForwardParams& params) {
 void backward(const BackwardParams& params) {
   validate(params);
 #if defined(BSPF_HAVE_AVX2)
-  if (use_avx2(params.p.dtype))
+  if (use_avx2(params.p.dtype)) {
+    const avx2::Products& chosen = products();
     return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
-      const avx2::Outcome outcome = avx2::backward_pair(params, pair, ws);
+      const avx2::Outcome outcome = avx2::backward_pair(params, chosen, pair, ws);
       if (outcome == avx2::Outcome::kNeedsPortable) scalar::backward_one_pair(params, pair);
       return outcome != avx2::Outcome::kNoMemory;
     });
+  }
 #else
   capability();
 #endif

@@ -43,9 +43,35 @@ struct KeepCounts {
 // works in log space and overwrites whatever was written.
 enum class Outcome { kDone, kNoMemory, kNeedsPortable };
 
+// The path's two products, the stages whose speed is set by the vector width: the dense
+// GEMM (logits, and the backward's products) and the sparse row products (A·V over kept
+// entries, dV). kProducts computes them 8 lanes wide; avx512::kProducts 16 lanes wide, on
+// CPUs with AVX-512F (dispatch.cpp chooses). Their contracts are in avx2/gemm.h.
+struct Products {
+  void (*gemm)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
+               int64_t rows, int64_t cols, float alpha, bool upper);
+  void (*sparse_rows)(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_t bw, int64_t ld,
+                      const float* b, int64_t ldb, int64_t width, const float* alpha, int64_t rows, int32_t* lists,
+                      float* out, int64_t ldo);
+};
+extern const Products kProducts;
+
+// The width of B at which sparse_rows goes over each row's own kept columns (and so never
+// reads the coefficients of pruned entries); at other widths it goes over the union of two
+// rows' columns, and pruned coefficients must be 0.
+constexpr int64_t kOwnColumnsWidth = 64;
+
 // Returns false when scratch memory could not be allocated (nothing is written then).
-bool mask_pair(const ForwardParams& params, const KeepCounts& keep, int64_t pair, Workspace* workspace);
-Outcome forward_pair(const ForwardParams& params, const KeepCounts& keep, int64_t pair, Workspace* workspace);
-Outcome backward_pair(const BackwardParams& params, int64_t pair, Workspace* workspace);
+bool mask_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
+               Workspace* workspace);
+Outcome forward_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
+                     Workspace* workspace);
+Outcome backward_pair(const BackwardParams& params, const Products& products, int64_t pair, Workspace* workspace);
 
 }  // namespace bspf::cpu::avx2
+
+// The AVX-512 products (avx512/products.cpp), compiled with -mavx512f in their own
+// translation unit under the same rules as the AVX2 path's.
+namespace bspf::cpu::avx512 {
+extern const avx2::Products kProducts;
+}  // namespace bspf::cpu::avx512

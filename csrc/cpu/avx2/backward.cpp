@@ -8,7 +8,7 @@
 
 namespace bspf::cpu::avx2 {
 
-Outcome backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspace) {
+Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_t pair, Workspace* workspace) {
   Workspace& ws = *workspace;
   const Geometry g(bp.p);
   const int64_t N = g.n, ld = g.ld, C = g.chunks;
@@ -34,7 +34,7 @@ Outcome backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspa
   float* grad = ws.grad.data;        // G Vᵀ, then dR, dP, dL
   float* work = ws.work.data;        // Aᵀ, then S = scale · (dL + dLᵀ)
 
-  load_logits(g, static_cast<const float*>(bp.qk), bp.qk_stride, pair, heads, scale, Mirror::kAll, ws);
+  load_logits(g, products, static_cast<const float*>(bp.qk), bp.qk_stride, pair, heads, scale, Mirror::kAll, ws);
   gather(static_cast<const float*>(bp.v), bp.v_stride, pair, heads, N, g.dv, ld, g.dvp, ws.v.data);
   gather(static_cast<const float*>(bp.grad_out), bp.grad_out_stride, pair, heads, N, g.dv, ld, g.dvp, ws.g.data);
   transpose(ws.v.data, g.dvp, ld, g.dvp, ws.vt.data, ld);
@@ -58,7 +58,7 @@ Outcome backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspa
 
   // dA = G Vᵀ (dense: only kept entries are used), then
   // dR(i, j) = M(i, j) · (dA(i, j) − Σ_k A(i, k) dA(i, k)) / Z_i.
-  gemm(ws.g.data, g.dvp, ws.vt.data, ld, g.dv, grad, ld, ld, ld, 1.0f, /*upper=*/false);
+  products.gemm(ws.g.data, g.dvp, ws.vt.data, ld, g.dv, grad, ld, ld, ld, 1.0f, /*upper=*/false);
   uint64_t* bitmaps = ws.bitmap.data;
   for (int64_t i = 0; i < N; ++i) {
     const float* a = weights + i * ld;
@@ -79,8 +79,8 @@ Outcome backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspa
   // dV_j = Σ_i A(i, j) G_i over kept (i, j); M is symmetric, so row j's kept columns are
   // exactly the i with (i, j) kept, and Aᵀ makes the coefficients contiguous.
   transpose(weights, ld, ld, ld, work, ld);
-  sparse_rows(work, ld, ws.bitmap.data, bitmap_words(g), ld, ws.g.data, g.dvp, g.dvp, nullptr, N, ws.lists.data,
-              ws.dv.data, g.dvp);
+  products.sparse_rows(work, ld, ws.bitmap.data, bitmap_words(g), ld, ws.g.data, g.dvp, g.dvp, nullptr, N,
+                       ws.lists.data, ws.dv.data, g.dvp);
   copy_rows(ws.dv.data, g.dvp, N, g.dv, grad_v, g.dv);
 
   // dP = M ⊙ dR plus, on pruned (i, j), ρ_i · H · dR(b(i), j); and dρ_i (SPEC §4).
@@ -118,7 +118,7 @@ Outcome backward_pair(const BackwardParams& bp, int64_t pair, Workspace* workspa
   for (int64_t e = 0; e < ld * ld; e += kLanes)
     _mm256_storeu_ps(work + e, _mm256_mul_ps(vscale, _mm256_add_ps(_mm256_loadu_ps(work + e), _mm256_loadu_ps(grad + e))));
   float* dx = ws.dx.data;
-  gemm(work, ld, ws.x.data, g.dp, N, dx, g.dp, ld, g.dp, 1.0f, /*upper=*/false);
+  products.gemm(work, ld, ws.x.data, g.dp, N, dx, g.dp, ld, g.dp, 1.0f, /*upper=*/false);
 
   // The cosine behind ρ_i = max(cos(x_i, x_b(i)), 0) (SPEC §4, last line).
   const float* x = ws.x.data;

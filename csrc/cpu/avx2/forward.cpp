@@ -41,18 +41,20 @@ Workspace* create_workspace() { return new (std::nothrow) Workspace(); }
 
 void destroy_workspace(Workspace* ws) { delete ws; }
 
-bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Workspace* workspace) {
+bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& products, int64_t pair,
+               Workspace* workspace) {
   Workspace& ws = *workspace;
   const Geometry g(fp.p);
   if (!reserve_forward(g, ws)) return false;
-  load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
-              Mirror::kNone, ws);
+  load_logits(g, products, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads,
+              static_cast<float>(fp.p.scale), Mirror::kNone, ws);
   compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws,
                      fp.saved.mask_words + pair * g.n * g.chunks);
   return true;
 }
 
-Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pair, Workspace* workspace) {
+Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& products, int64_t pair,
+                     Workspace* workspace) {
   Workspace& ws = *workspace;
   const Geometry g(fp.p);
   if (!reserve_forward(g, ws)) return Outcome::kNoMemory;
@@ -63,8 +65,8 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pa
   float* log_row_sum = static_cast<float*>(fp.saved.log_row_sum) + pair * g.n;
   float* out = static_cast<float*>(fp.out) + pair * g.n * g.dv;
 
-  load_logits(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, static_cast<float>(fp.p.scale),
-              Mirror::kDiagonalBlocks, ws);
+  load_logits(g, products, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads,
+              static_cast<float>(fp.p.scale), Mirror::kDiagonalBlocks, ws);
   // Value rows of a whole number of vectors with unit column stride are read where they
   // are, and output rows written in place: A·V reads only kept rows of V and writes whole
   // rows, so the gather and the copy back (a few % of the call) are not needed.
@@ -96,8 +98,8 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, int64_t pa
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
     float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;
     const int64_t ldo = in_place ? g.dv : g.dvp;
-    sparse_rows(exps + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp, alpha, rows,
-                ws.lists.data, rows_out, ldo);
+    products.sparse_rows(exps + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp, alpha,
+                         rows, ws.lists.data, rows_out, ldo);
     if (!in_place) copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
   }
   return Outcome::kDone;

@@ -196,8 +196,9 @@ void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t width, float
   for (int64_t r = 0; r < rows; ++r) copy_exact(src + r * lds, width, dst + r * ldd);
 }
 
-void compute_logits(const Geometry& g, const float* x, const float* xt, float scale, Mirror mirror, float* logits) {
-  gemm(x, g.dp, xt, g.ld, g.d, logits, g.ld, g.ld, g.ld, scale, /*upper=*/true);
+void compute_logits(const Geometry& g, const Products& products, const float* x, const float* xt, float scale,
+                    Mirror mirror, float* logits) {
+  products.gemm(x, g.dp, xt, g.ld, g.d, logits, g.ld, g.ld, g.ld, scale, /*upper=*/true);
   if (mirror == Mirror::kNone) return;
   for (int64_t i = 8; i < g.ld; i += 8)
     for (int64_t j = 0; j < i; j += 8) {
@@ -219,11 +220,13 @@ void logit_row(const Geometry& g, const float* x, const float* xt, float scale, 
   }
 }
 
-void load_logits(const Geometry& g, const float* qk, const int64_t* stride, int64_t pair, int64_t heads,
-                 float scale, Mirror mirror, Workspace& ws) {
+void load_logits(const Geometry& g, const Products& products, const float* qk, const int64_t* stride, int64_t pair,
+                 int64_t heads, float scale, Mirror mirror, Workspace& ws) {
   gather(qk, stride, pair, heads, g.n, g.d, g.ld, g.dp, ws.x.data);
   transpose(ws.x.data, g.dp, g.ld, g.dp, ws.xt.data, g.ld);
-  compute_logits(g, ws.x.data, ws.xt.data, scale, mirror, ws.logits.data);
+  compute_logits(g, products, ws.x.data, ws.xt.data, scale, mirror, ws.logits.data);
 }
+
+const Products kProducts = {gemm, sparse_rows};
 
 }  // namespace bspf::cpu::avx2

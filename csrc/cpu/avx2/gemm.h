@@ -14,8 +14,8 @@ void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t dept
           int64_t rows, int64_t cols, float alpha, bool upper);
 
 // Whether sparse_rows reads the coefficients of pruned entries (which must then be 0):
-// only the 64-wide path goes over each row's own kept columns (sparse_row64).
-inline bool sparse_rows_reads_pruned(int64_t width) { return width != 64; }
+// only at kOwnColumnsWidth does it go over each row's own kept columns (kernels.h).
+inline bool sparse_rows_reads_pruned(int64_t width) { return width != kOwnColumnsWidth; }
 
 // Rows [0, rows) of OUT = diag(alpha) · COEF·B, each row restricted to its kept entries:
 // row r has coefficients coef + r·ldc (see sparse_rows_reads_pruned), its mask as a bitmap
@@ -37,10 +37,11 @@ void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t width, float
 // blocks), or all (the backward).
 enum class Mirror { kNone, kDiagonalBlocks, kAll };
 
-// L = scale · X Xᵀ over the ld×ld square: upper 8×8 tiles by GEMM, the lower ones the
-// caller reads mirrored (QQᵀ is symmetric). Padding rows/columns come out 0 since X's
+// L = scale · X Xᵀ over the ld×ld square: upper 8×8 tiles by products.gemm, the lower ones
+// the caller reads mirrored (QQᵀ is symmetric). Padding rows/columns come out 0 since X's
 // padding rows are 0.
-void compute_logits(const Geometry& g, const float* x, const float* xt, float scale, Mirror mirror, float* logits);
+void compute_logits(const Geometry& g, const Products& products, const float* x, const float* xt, float scale,
+                    Mirror mirror, float* logits);
 
 // Row i of L = scale · X Xᵀ recomputed from X and Xᵀ (padded, 0 past N) into `row` (ld
 // floats), for the forward, whose logits tile has become E by then. Bit for bit the
@@ -49,7 +50,7 @@ void compute_logits(const Geometry& g, const float* x, const float* xt, float sc
 void logit_row(const Geometry& g, const float* x, const float* xt, float scale, int64_t i, float* row);
 
 // X gathered, Xᵀ, and L (the shared first steps of every entry point).
-void load_logits(const Geometry& g, const float* qk, const int64_t* stride, int64_t pair, int64_t heads,
-                 float scale, Mirror mirror, Workspace& ws);
+void load_logits(const Geometry& g, const Products& products, const float* qk, const int64_t* stride, int64_t pair,
+                 int64_t heads, float scale, Mirror mirror, Workspace& ws);
 
 }  // namespace bspf::cpu::avx2

@@ -1,0 +1,248 @@
+// The AVX-512 products (kernels.h, avx512::kProducts): the AVX2 path's dense GEMM and sparse
+// row products computed 16 lanes wide, on CPUs with AVX-512F. Everything else of the path is
+// the AVX2 code: these two stages are over half of a forward at the target shape, and they
+// are bound by FMA throughput, which 512-bit vectors double on a CPU with two 512-bit FMA
+// units (docs/performance.md, "AVX-512").
+//
+// Compiled with -mavx512f (cmake/SimdFlags.cmake). It includes no header of the AVX2 path
+// and uses no std:: code, so no inline function compiled here can be merged with an AVX2 or
+// portable translation unit's copy (see kernels.h).
+//
+// Results: the GEMM forms every entry with the same FMA chain over k as the AVX2 GEMM, so
+// logits are bit for bit those of the AVX2 path (the forward's logit_row relies on that).
+// The 64-wide sparse product sums each row's entries in two interleaved halves, so it
+// differs from the AVX2 path in rounding only; at other widths the sums are the same.
+//
+// Accumulators are named variables, not arrays: GCC keeps an array of accumulators in
+// registers but may also store all of it on every iteration, which makes a loop store-bound.
+#include <immintrin.h>
+
+#include "../kernels.h"
+
+namespace bspf::cpu::avx512 {
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Lanes [0, n) set, n in [0, 16].
+inline __mmask16 lanes_below(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+
+// Vector v of a tile row of NV vectors: whole, or masked by `last` when it is the last one.
+template <int NV>
+inline __m512 load_part(const float* p, int v, __mmask16 last) {
+  return v + 1 < NV ? _mm512_loadu_ps(p + v * kLanes) : _mm512_maskz_loadu_ps(last, p + v * kLanes);
+}
+template <int NV>
+inline void store_part(float* p, int v, __mmask16 last, __m512 value) {
+  if (v + 1 < NV)
+    _mm512_storeu_ps(p + v * kLanes, value);
+  else
+    _mm512_mask_storeu_ps(p + v * kLanes, last, value);
+}
+
+// C[0..4)[0..16·NV) = alpha · Σ_k A[r][k] · B[k][...]: A's entries broadcast, B's rows loaded
+// as vectors, the last one under `last` (a tile may end on 8 columns). 4×4 accumulators:
+// per k, 8 loads for 16 FMAs.
+template <int NV>
+inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
+                      __m512 alpha, __mmask16 last) {
+  static_assert(NV >= 1 && NV <= 4, "4×16 to 4×64 tiles");
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+  __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* bk = b + k * ldb;
+    const __m512 b0 = load_part<NV>(bk, 0, last);
+    const __m512 b1 = NV > 1 ? load_part<NV>(bk, 1, last) : b0;
+    const __m512 b2 = NV > 2 ? load_part<NV>(bk, 2, last) : b0;
+    const __m512 b3 = NV > 3 ? load_part<NV>(bk, 3, last) : b0;
+    __m512 x = _mm512_set1_ps(a0[k]);
+    c00 = _mm512_fmadd_ps(x, b0, c00);
+    if (NV > 1) c01 = _mm512_fmadd_ps(x, b1, c01);
+    if (NV > 2) c02 = _mm512_fmadd_ps(x, b2, c02);
+    if (NV > 3) c03 = _mm512_fmadd_ps(x, b3, c03);
+    x = _mm512_set1_ps(a1[k]);
+    c10 = _mm512_fmadd_ps(x, b0, c10);
+    if (NV > 1) c11 = _mm512_fmadd_ps(x, b1, c11);
+    if (NV > 2) c12 = _mm512_fmadd_ps(x, b2, c12);
+    if (NV > 3) c13 = _mm512_fmadd_ps(x, b3, c13);
+    x = _mm512_set1_ps(a2[k]);
+    c20 = _mm512_fmadd_ps(x, b0, c20);
+    if (NV > 1) c21 = _mm512_fmadd_ps(x, b1, c21);
+    if (NV > 2) c22 = _mm512_fmadd_ps(x, b2, c22);
+    if (NV > 3) c23 = _mm512_fmadd_ps(x, b3, c23);
+    x = _mm512_set1_ps(a3[k]);
+    c30 = _mm512_fmadd_ps(x, b0, c30);
+    if (NV > 1) c31 = _mm512_fmadd_ps(x, b1, c31);
+    if (NV > 2) c32 = _mm512_fmadd_ps(x, b2, c32);
+    if (NV > 3) c33 = _mm512_fmadd_ps(x, b3, c33);
+  }
+  const __m512 rows[4][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) store_part<NV>(c + r * ldc, v, last, _mm512_mul_ps(alpha, rows[r][v]));
+}
+
+// Rows [0, rows) of a 64-wide product over each row's own kept columns, as the AVX2 path's
+// sparse_rows64: one bitmap word (64 rows of B, 16 KB, kept in L1) at a time for up to 32
+// rows, partial sums through the output rows. A row is 4 vectors; consecutive kept columns
+// alternate between two sets of 4 accumulators, so 8 FMA chains are in flight.
+void sparse_rows64(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_t bw, const float* b, int64_t ldb,
+                   const float* alpha, int64_t rows, float* out, int64_t ldo) {
+  constexpr int64_t kRowGroup = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
+    const int64_t r1 = min64(rows, r0 + kRowGroup);
+    for (int64_t w = 0; w < bw; ++w)
+      for (int64_t r = r0; r < r1; ++r) {
+        float* o = out + r * ldo;
+        const __m512 zero = _mm512_setzero_ps();
+        __m512 e0 = w == 0 ? zero : _mm512_loadu_ps(o), e1 = w == 0 ? zero : _mm512_loadu_ps(o + 16);
+        __m512 e2 = w == 0 ? zero : _mm512_loadu_ps(o + 32), e3 = w == 0 ? zero : _mm512_loadu_ps(o + 48);
+        __m512 o0 = zero, o1 = zero, o2 = zero, o3 = zero;
+        const float* c = coef + r * ldc;
+        uint64_t bits = bitmaps[r * bw + w];
+        while (bits) {
+          const int64_t j = w * 64 + __builtin_ctzll(bits);
+          bits &= bits - 1;
+          const __m512 s = _mm512_set1_ps(c[j]);
+          const float* bj = b + j * ldb;
+          e0 = _mm512_fmadd_ps(s, _mm512_loadu_ps(bj), e0);
+          e1 = _mm512_fmadd_ps(s, _mm512_loadu_ps(bj + 16), e1);
+          e2 = _mm512_fmadd_ps(s, _mm512_loadu_ps(bj + 32), e2);
+          e3 = _mm512_fmadd_ps(s, _mm512_loadu_ps(bj + 48), e3);
+          if (!bits) break;
+          const int64_t j2 = w * 64 + __builtin_ctzll(bits);
+          bits &= bits - 1;
+          const __m512 s2 = _mm512_set1_ps(c[j2]);
+          const float* bj2 = b + j2 * ldb;
+          o0 = _mm512_fmadd_ps(s2, _mm512_loadu_ps(bj2), o0);
+          o1 = _mm512_fmadd_ps(s2, _mm512_loadu_ps(bj2 + 16), o1);
+          o2 = _mm512_fmadd_ps(s2, _mm512_loadu_ps(bj2 + 32), o2);
+          o3 = _mm512_fmadd_ps(s2, _mm512_loadu_ps(bj2 + 48), o3);
+        }
+        const __m512 scale = _mm512_set1_ps(w + 1 == bw && alpha ? alpha[r] : 1.0f);
+        _mm512_storeu_ps(o, _mm512_mul_ps(scale, _mm512_add_ps(e0, o0)));
+        _mm512_storeu_ps(o + 16, _mm512_mul_ps(scale, _mm512_add_ps(e1, o1)));
+        _mm512_storeu_ps(o + 32, _mm512_mul_ps(scale, _mm512_add_ps(e2, o2)));
+        _mm512_storeu_ps(o + 48, _mm512_mul_ps(scale, _mm512_add_ps(e3, o3)));
+      }
+  }
+}
+
+// The columns set in either of two row bitmaps (ld / 8 bytes each), in increasing order,
+// into `list` (room for ld + 8 entries); returns how many. 16 columns per step: the column
+// numbers of their set bits compressed to the front.
+inline int64_t union_columns(const uint64_t* bitmap0, const uint64_t* bitmap1, int64_t ld, int32_t* list) {
+  int64_t count = 0;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j = 0; j < ld; j += kLanes) {
+    const uint64_t word = bitmap0[j / 64] | bitmap1[j / 64];
+    const __mmask16 bits = static_cast<__mmask16>((word >> (j % 64)) & lanes_below(ld - j));
+    const __m512i columns = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)));
+    _mm512_mask_compressstoreu_epi32(list + count, bits, columns);
+    count += __builtin_popcount(bits);
+  }
+  return count;
+}
+
+// Two rows at a time, 16·NV columns of B (the last vector under `last`): out_r = alpha_r ·
+// Σ_j coef_r[j] · B[j] over the listed columns (the union of both rows' kept columns; coef
+// is 0 where a row prunes j). Each row of B loaded serves both rows.
+template <int NV>
+inline void sparse_pair_tile(const float* coef0, const float* coef1, const int32_t* list, int64_t count,
+                             const float* b, int64_t ldb, float* out0, float* out1, __m512 alpha0, __m512 alpha1,
+                             __mmask16 last) {
+  static_assert(NV >= 1 && NV <= 4, "16 to 64 columns");
+  __m512 p0 = _mm512_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+  for (int64_t e = 0; e < count; ++e) {
+    const int64_t j = list[e];
+    const __m512 s0 = _mm512_set1_ps(coef0[j]), s1 = _mm512_set1_ps(coef1[j]);
+    const float* bj = b + j * ldb;
+    const __m512 b0 = load_part<NV>(bj, 0, last);
+    p0 = _mm512_fmadd_ps(s0, b0, p0);
+    q0 = _mm512_fmadd_ps(s1, b0, q0);
+    if (NV > 1) {
+      const __m512 b1 = load_part<NV>(bj, 1, last);
+      p1 = _mm512_fmadd_ps(s0, b1, p1);
+      q1 = _mm512_fmadd_ps(s1, b1, q1);
+    }
+    if (NV > 2) {
+      const __m512 b2 = load_part<NV>(bj, 2, last);
+      p2 = _mm512_fmadd_ps(s0, b2, p2);
+      q2 = _mm512_fmadd_ps(s1, b2, q2);
+    }
+    if (NV > 3) {
+      const __m512 b3 = load_part<NV>(bj, 3, last);
+      p3 = _mm512_fmadd_ps(s0, b3, p3);
+      q3 = _mm512_fmadd_ps(s1, b3, q3);
+    }
+  }
+  const __m512 first[4] = {p0, p1, p2, p3}, second[4] = {q0, q1, q2, q3};
+  for (int v = 0; v < NV; ++v) {
+    store_part<NV>(out0, v, last, _mm512_mul_ps(alpha0, first[v]));
+    store_part<NV>(out1, v, last, _mm512_mul_ps(alpha1, second[v]));
+  }
+}
+
+void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
+          int64_t rows, int64_t cols, float alpha, bool upper) {
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int64_t i = 0; i < rows; i += 4) {
+    const float* ai = a + i * lda;
+    float* ci = c + i * ldc;
+    int64_t j = upper ? (i & ~int64_t{7}) : 0;
+    for (; j + 64 <= cols; j += 64) gemm_tile<4>(ai, lda, b + j, ldb, depth, ci + j, ldc, va, 0xFFFF);
+    const int64_t rest = cols - j, nv = (rest + kLanes - 1) / kLanes;  // rest: a multiple of 8 below 64
+    const __mmask16 last = lanes_below(rest - (nv - 1) * kLanes);
+    switch (nv) {
+      case 1: gemm_tile<1>(ai, lda, b + j, ldb, depth, ci + j, ldc, va, last); break;
+      case 2: gemm_tile<2>(ai, lda, b + j, ldb, depth, ci + j, ldc, va, last); break;
+      case 3: gemm_tile<3>(ai, lda, b + j, ldb, depth, ci + j, ldc, va, last); break;
+      case 4: gemm_tile<4>(ai, lda, b + j, ldb, depth, ci + j, ldc, va, last); break;
+      default: break;
+    }
+  }
+}
+
+void sparse_rows(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_t bw, int64_t ld, const float* b,
+                 int64_t ldb, int64_t width, const float* alpha, int64_t rows, int32_t* lists, float* out,
+                 int64_t ldo) {
+  if (width == avx2::kOwnColumnsWidth) {
+    sparse_rows64(coef, ldc, bitmaps, bw, b, ldb, alpha, rows, out, ldo);
+    return;
+  }
+  const int64_t stride = ld + 8;  // the lists' layout, as the AVX2 path's (gemm.h)
+  for (int64_t r = 0; r < rows; r += 2) {
+    const int64_t r1 = r + 1 < rows ? r + 1 : r;
+    int32_t* list = lists + (r / 2) * stride;
+    list[0] = static_cast<int32_t>(union_columns(bitmaps + r * bw, bitmaps + r1 * bw, ld, list + 1));
+  }
+  // Slices of 64 columns outside, pairs of rows inside: the slice of B stays in L1.
+  for (int64_t col = 0; col < width; col += 64) {
+    const int64_t slice = min64(64, width - col), nv = (slice + kLanes - 1) / kLanes;  // slice: a multiple of 8
+    const __mmask16 last = lanes_below(slice - (nv - 1) * kLanes);
+    const float* bc = b + col;
+    for (int64_t r = 0; r < rows; r += 2) {
+      const int64_t r1 = r + 1 < rows ? r + 1 : r;
+      const int32_t* list = lists + (r / 2) * stride;
+      const float* c0 = coef + r * ldc;
+      const float* c1 = coef + r1 * ldc;
+      float* o0 = out + r * ldo + col;
+      float* o1 = out + r1 * ldo + col;
+      const __m512 a0 = _mm512_set1_ps(alpha ? alpha[r] : 1.0f), a1 = _mm512_set1_ps(alpha ? alpha[r1] : 1.0f);
+      switch (nv) {
+        case 1: sparse_pair_tile<1>(c0, c1, list + 1, list[0], bc, ldb, o0, o1, a0, a1, last); break;
+        case 2: sparse_pair_tile<2>(c0, c1, list + 1, list[0], bc, ldb, o0, o1, a0, a1, last); break;
+        case 3: sparse_pair_tile<3>(c0, c1, list + 1, list[0], bc, ldb, o0, o1, a0, a1, last); break;
+        default: sparse_pair_tile<4>(c0, c1, list + 1, list[0], bc, ldb, o0, o1, a0, a1, last); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const avx2::Products kProducts = {gemm, sparse_rows};
+
+}  // namespace bspf::cpu::avx512
