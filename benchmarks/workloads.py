@@ -17,15 +17,18 @@ from bspf_ext import reference
 from bspf_ext.app.bench import interleaved_medians, time_call  # noqa: F401  (the suites' timing)
 
 TARGET_SHAPE = (8, 6, 197, 64)  # DeiT-S attention: (B, H, N, D)
-SHAPES = [(1, 6, 197, 64), TARGET_SHAPE, (64, 6, 197, 64), (4, 12, 577, 64)]
+LONG_SHAPE = (4, 12, 577, 64)  # ViT-B at 384 px
+SHAPES = [(1, 6, 197, 64), TARGET_SHAPE, (64, 6, 197, 64), LONG_SHAPE]
 BLOCK_SIZES = [8, 16, 32, 64]
 TARGET_BLOCK_SIZE = 16
 KEEP_RATIO = 0.5
 IMPLS = ("sdpa", "bspf", "reference")
 MODES = ("forward", "forward_backward")
 
-# Hard targets of the CPU issue: bspf / dense SDPA time ratios, and the speed-up over the reference.
-TARGET_RATIO = {"forward": 1.5, "forward_backward": 2.0}
+# Targets of the CPU speed issue: bspf / dense SDPA time ratios at TARGET_SHAPE (and the
+# forward at LONG_SHAPE), and the speed-up over the reference.
+TARGET_RATIO = {"forward": 1.0, "forward_backward": 1.0}
+TARGET_LONG_FORWARD_RATIO = 1.2
 TARGET_SPEEDUP_OVER_REFERENCE = 20.0
 
 
