@@ -184,7 +184,7 @@ def _cmd_bench(args) -> int:
         return _cmd_model_bench(args)
     from . import bench
 
-    for flag in ("variants", "img_size", "warmup", "out", "threads"):
+    for flag in ("variants", "img_size", "warmup", "out", "threads", "profile"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} is a model-benchmark flag: it needs --model")
     batch = [8] if args.batch is None else args.batch
@@ -210,9 +210,10 @@ def _cmd_model_bench(args) -> int:
         args.model, args.batch or [1, 8, 32, 64], args.out or "runs/bench", variants=args.variants or list(model_bench.VARIANTS),
         device=args.device, img_size=args.img_size or 224, rounds=args.repeats or 5,
         warmup=1 if args.warmup is None else args.warmup, block_size=args.block_size, keep_ratio=args.keep_ratio,
-        threads=args.threads, progress=not args.no_progress)
+        threads=args.threads, progress=not args.no_progress, profile_batch=args.profile)
     print(result["table"])
-    print(f"wrote {result['out']}/results.json, table.md, throughput.png")
+    profiled = ", profile.md" if args.profile is not None else ""
+    print(f"wrote {result['out']}/results.json, table.md, throughput.png{profiled}")
     return 0
 
 
@@ -342,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variants", nargs="+", choices=("dense", "chunk", "bspf", "svit"), default=None,
                        help="--model: which models (default all; dense is always timed)")
     bench.add_argument("--img-size", type=_int_in(16), default=None, help="--model: image size (default 224)")
+    bench.add_argument("--profile", type=_int_in(1), default=None, metavar="B",
+                       help="--model: also split each model's time by kind of operation (attention op, "
+                            "matmuls, copies, ...) at batch size B, with torch.profiler (profile.md)")
     bench.add_argument("--warmup", type=_int_in(0), default=None, help="--model: untimed calls per model (default 1)")
     bench.add_argument("--out", default=None, help="--model: folder for results.json, table.md, throughput.png "
                                                    "(default runs/bench)")
