@@ -152,7 +152,7 @@ bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, const floa
                         float* exps, const uint64_t* words, const int32_t* match, const float* rho, bool fuse,
                         uint64_t* bitmaps, float* lse, float* log_row_sum, float* alpha) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
-  float total[64], kept[64], lost[64];
+  float total[64], log_total[64], kept[64], lost[64];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
     uint64_t* bitmap = bitmaps + r * bw;
@@ -182,7 +182,8 @@ bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, const floa
       if (total[r] >= kSmallestSum && total[r] <= __FLT_MAX__) break;
       row_shift = row_shifted_exps(g, x, xt, scale, i, row);
     }
-    lse[r] = row_shift + __builtin_logf(total[r]);
+    log_total[r] = __builtin_logf(total[r]);
+    lse[r] = row_shift + log_total[r];
     lost[r] = 1.0f;
   }
   if (fuse) {
@@ -204,7 +205,7 @@ bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, const floa
     // this path is not exact enough.
     if (!(kept[r] * kResolution >= lost[r] * static_cast<float>(g.n) * __FLT_MIN__) || !(kept[r] <= __FLT_MAX__))
       return false;
-    log_row_sum[r] = __builtin_logf(kept[r]) - __builtin_logf(total[r]);
+    log_row_sum[r] = __builtin_logf(kept[r]) - log_total[r];
     // The backward hands such a pair to the portable path, which recomputes the logits in
     // its own order: the forward goes there too, so lse and the logits agree.
     if (!(log_row_sum[r] >= kSmallestLogRowSum)) return false;
