@@ -116,19 +116,17 @@ def test_invalid_capability_is_a_clear_error(capability):
         bspf_ext.block_symmetric_attention(qk.double(), v.double(), block_size=4)
 
 
-@pytest.mark.skipif(HAS_AVX2, reason="needs a CPU without AVX2")
-def test_forcing_avx2_without_avx2_is_a_clear_error(capability):
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        pytest.param("avx2", "does not support AVX2", marks=pytest.mark.skipif(HAS_AVX2, reason="has AVX2")),
+        pytest.param("avx512", "does not support AVX-512", marks=pytest.mark.skipif(HAS_AVX512, reason="has AVX-512")),
+    ],
+)
+def test_forcing_a_path_this_cpu_lacks_is_a_clear_error(capability, path, message):
     qk, v = _inputs(1, 1, 8, 4)
-    capability("avx2")
-    with pytest.raises(RuntimeError, match="does not support AVX2"):
-        bspf_ext.block_symmetric_attention(qk, v, block_size=4)
-
-
-@pytest.mark.skipif(HAS_AVX512, reason="needs a CPU without AVX-512")
-def test_forcing_avx512_without_avx512_is_a_clear_error(capability):
-    qk, v = _inputs(1, 1, 8, 4)
-    capability("avx512")
-    with pytest.raises(RuntimeError, match="does not support AVX-512"):
+    capability(path)
+    with pytest.raises(RuntimeError, match=message):
         bspf_ext.block_symmetric_attention(qk, v, block_size=4)
 
 
