@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 
 from .. import _cuda
-from . import backends
+from . import backends, surrogate
 from . import params as _params
 from .geometry import accumulation_dtype, num_chunks
-from .library import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
+from .library import (allocate_forward, backward_op, block_mask_op, forward_op, score_kernel_grad_op,
+                      unpack_mask_words)
 
 
 def _stream(device: torch.device) -> int:
@@ -72,3 +73,13 @@ def _block_mask_cuda(qk, score_kernel, block_size, keep_ratio, scale):
         params = _params.forward_params(_cuda, qk, qk, weights, block_size, keep_ratio, True, scale, None, saved, 0)
         _cuda.mask(params, qk.device.index, _stream(qk.device))
     return unpack_mask_words(mask_words, n, block_size)
+
+
+@score_kernel_grad_op.register_kernel("cuda")
+def _score_kernel_grad_cuda(grad_out, qk, v, score_kernel, mask_words, match, rho, lse, log_row_sum, block_size,
+                            keep_ratio, fuse, scale):
+    # The torch-op form until the CUDA kernel exists.
+    saved = (mask_words, match, rho, lse, log_row_sum)
+    logits = surrogate.logits_of(qk, scale)
+    grad_mask = surrogate.mask_gradient(grad_out, logits, v, *saved, block_size, fuse)
+    return surrogate.score_kernel_gradient(grad_mask, logits, score_kernel, block_size, keep_ratio)
