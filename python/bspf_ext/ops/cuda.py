@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 
 from .. import _cuda
-from . import backends, surrogate
+from . import backends
 from . import params as _params
 from .geometry import accumulation_dtype, num_chunks
 from .library import (allocate_forward, backward_op, block_mask_op, forward_op, score_kernel_grad_op,
                       unpack_mask_words)
+from .validation import check_score_kernel_grad_inputs
 
 
 def _stream(device: torch.device) -> int:
@@ -78,8 +79,16 @@ def _block_mask_cuda(qk, score_kernel, block_size, keep_ratio, scale):
 @score_kernel_grad_op.register_kernel("cuda")
 def _score_kernel_grad_cuda(grad_out, qk, v, score_kernel, mask_words, match, rho, lse, log_row_sum, block_size,
                             keep_ratio, fuse, scale):
-    # The torch-op form until the CUDA kernel exists.
-    saved = (mask_words, match, rho, lse, log_row_sum)
-    logits = surrogate.logits_of(qk, scale)
-    grad_mask = surrogate.mask_gradient(grad_out, logits, v, *saved, block_size, fuse)
-    return surrogate.score_kernel_gradient(grad_mask, logits, score_kernel, block_size, keep_ratio)
+    check_score_kernel_grad_inputs(grad_out, qk, v, score_kernel)
+    backends.check_cuda_driver()
+    b, h = qk.shape[:2]
+    with torch.cuda.device(qk.device):
+        grad = torch.empty((3, 3), dtype=accumulation_dtype(qk.dtype), device=qk.device)
+        partials = torch.empty((b * h, 9), dtype=torch.float64, device=qk.device)  # each pair's share
+        weights = _params.score_kernel_buffer(score_kernel, qk.dtype)
+        saved = _params.saved(_cuda, mask_words, match, rho, lse, log_row_sum)
+        params = _params.score_kernel_grad_params(
+            _cuda, grad_out, qk, v, weights, saved, block_size, keep_ratio, fuse, scale, grad, 0
+        )
+        _cuda.score_kernel_grad(params, partials.data_ptr(), qk.device.index, _stream(qk.device))
+    return grad.to(score_kernel.dtype)
