@@ -1,7 +1,7 @@
-// Steps of the portable per-(batch, head) computation shared by the portable kernels
-// (scalar.cpp, score_kernel_grad.cpp): chunk geometry, gathering a pair's rows and the
-// logits. Compiled for baseline x86-64 only; the AVX2 translation units must not include
-// it (see kernels.h: an inline function shared with them could be emitted with AVX).
+// Pieces of the per-(batch, head) computation shared by the portable kernels (scalar.cpp,
+// score_kernel_grad.cpp): chunk geometry, mask bits, gathering a pair's rows. Compiled for
+// baseline x86-64 only; the AVX2 translation units must not include it (see kernels.h: an
+// inline function shared with them could be emitted with AVX).
 #pragma once
 
 #include <algorithm>
@@ -31,25 +31,6 @@ void gather_rows(const T* base, const int64_t* stride, int64_t b, int64_t h, int
   const T* src = base + b * stride[0] + h * stride[1];
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < d; ++k) dst[i * d + k] = src[i * stride[2] + k * stride[3]];
-}
-
-template <typename T>
-T dot(const T* a, const T* b, int64_t d) {
-  T s = 0;
-  for (int64_t k = 0; k < d; ++k) s += a[k] * b[k];
-  return s;
-}
-
-// L = scale · X Xᵀ. Only the upper triangle is computed; the lower one is its mirror.
-template <typename T>
-void compute_logits(const std::vector<T>& x, int64_t n, int64_t d, T scale, std::vector<T>& logits) {
-  logits.resize(n * n);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = i; j < n; ++j) {
-      const T l = scale * dot(&x[i * d], &x[j * d], d);
-      logits[i * n + j] = l;
-      logits[j * n + i] = l;
-    }
 }
 
 }  // namespace bspf::cpu::portable

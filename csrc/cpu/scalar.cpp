@@ -17,11 +17,28 @@ namespace bspf::cpu::scalar {
 namespace {
 
 using portable::Chunks;
-using portable::compute_logits;
-using portable::dot;
 using portable::gather_rows;
 using portable::low_bits;
 using portable::popcount;
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t d) {
+  T s = 0;
+  for (int64_t k = 0; k < d; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// L = scale · X Xᵀ. Only the upper triangle is computed; the lower one is its mirror.
+template <typename T>
+void compute_logits(const std::vector<T>& x, int64_t n, int64_t d, T scale, std::vector<T>& logits) {
+  logits.resize(n * n);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i; j < n; ++j) {
+      const T l = scale * dot(&x[i * d], &x[j * d], d);
+      logits[i * n + j] = l;
+      logits[j * n + i] = l;
+    }
+}
 
 // SPEC §3.2–3.3 on the upper blocks, mirrored, diagonal full: writes N×C mask words.
 template <typename T>

@@ -27,16 +27,41 @@ using portable::Chunks;
 // exp of a log-ratio of probabilities, bounded below the type's overflow: reached only at
 // extreme logits, where a fused share outweighs its target row's whole mass (as the
 // reference's linear form cannot represent either).
+template <typename T> struct ExpBound;  // log(max) − 8
+template <> struct ExpBound<float> { static constexpr float value = 80.72283935546875f; };
+template <> struct ExpBound<double> { static constexpr double value = 701.782712893384; };
+
 template <typename T>
 T bounded_exp(T x) {
-  static const T kMax = std::log(std::numeric_limits<T>::max()) - T(8);
-  return std::exp(std::min(x, kMax));
+  return std::exp(std::min(x, ExpBound<T>::value));
 }
 
 template <typename T>
 struct PairBuffers {
-  std::vector<T> x, v, g, logits, gain, grad_r, scores, ranked;
+  std::vector<T> x, v, g, columns, logits, gain, grad_r, tile, scores, ranked;
 };
+
+// out = alpha · A Bᵀ (n × n) for row-major A and B (n × d). Row by row through Bᵀ, so the
+// innermost loop runs over independent outputs and vectorises; a dot product per entry
+// would be one long dependency chain.
+template <typename T>
+void products(const std::vector<T>& a, const std::vector<T>& b, int64_t n, int64_t d, T alpha,
+              std::vector<T>& columns, std::vector<T>& out) {
+  columns.resize(d * n);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t k = 0; k < d; ++k) columns[k * n + j] = b[j * d + k];
+  out.assign(n * n, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    T* row = &out[i * n];
+    for (int64_t k = 0; k < d; ++k) {
+      const T aik = a[i * d + k];
+      const T* column = &columns[k * n];
+      for (int64_t j = 0; j < n; ++j) row[j] += aik * column[j];
+    }
+    if (alpha != T(1))
+      for (int64_t j = 0; j < n; ++j) row[j] *= alpha;
+  }
+}
 
 // Pointers into the saved buffers of one pair.
 template <typename T>
@@ -50,9 +75,6 @@ struct PairSaved {
         rho(static_cast<const T*>(s.rho) + pair * n),
         lse(static_cast<const T*>(s.lse) + pair * n),
         log_z(static_cast<const T*>(s.log_row_sum) + pair * n) {}
-  bool kept(int64_t i, const Chunks& ch, int64_t j) const {
-    return (words[i * ch.count + j / ch.omega] >> (j % ch.omega)) & 1u;
-  }
   // α(i, j) = ρ_i · H_{i, n(j)} for j in chunk c; 0 for a token alone in its chunk.
   T alpha(int64_t i, const Chunks& ch, int64_t c) const {
     const int64_t p = match[i];
@@ -91,20 +113,20 @@ void compute_gain(const std::vector<T>& logits, const Chunks& ch, const PairSave
 }
 
 // D(i, j) = dA(i, j) − Σ_k A(i, k)·dA(i, k) = Z_i · dR(i, j), for every entry (§4's dR with
-// A = M ⊙ gain).
+// A = M ⊙ gain). grad_r holds dA on entry.
 template <typename T>
-void compute_scaled_grad_r(const std::vector<T>& g, const std::vector<T>& v, const std::vector<T>& gain,
-                           const Chunks& ch, const PairSaved<T>& s, int64_t dv, std::vector<T>& grad_r) {
-  const int64_t n = ch.n;
-  grad_r.resize(n * n);
+void compute_scaled_grad_r(const std::vector<T>& gain, const Chunks& ch, const PairSaved<T>& s,
+                           std::vector<T>& grad_r) {
+  const int64_t n = ch.n, C = ch.count;
   for (int64_t i = 0; i < n; ++i) {
+    T* row = &grad_r[i * n];
     T a_dot_da = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const T da = portable::dot(g.data() + i * dv, v.data() + j * dv, dv);  // data(): Dv may be 0
-      grad_r[i * n + j] = da;
-      if (s.kept(i, ch, j)) a_dot_da += gain[i * n + j] * da;
-    }
-    for (int64_t j = 0; j < n; ++j) grad_r[i * n + j] -= a_dot_da;
+    for (int64_t c = 0; c < C; ++c)
+      for (uint64_t kept = s.words[i * C + c]; kept; kept &= kept - 1) {
+        const int64_t j = ch.begin(c) + __builtin_ctzll(kept);
+        a_dot_da += gain[i * n + j] * row[j];
+      }
+    for (int64_t j = 0; j < n; ++j) row[j] -= a_dot_da;
   }
 }
 
@@ -131,28 +153,25 @@ void compute_mask_gradient(const std::vector<T>& logits, const std::vector<T>& g
   }
 }
 
-// S(i, j) of the upper block at (r0, c0), rows × cols (SPEC §3.2, zero padding).
-template <typename T>
-T block_logit(const std::vector<T>& logits, int64_t n, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
-              int64_t i, int64_t j) {
-  if (i < 0 || j < 0 || i >= rows || j >= cols) return T(0);
-  return logits[(r0 + i) * n + c0 + j];
-}
-
 // Adds the upper block's share of dW to dw (double): dS(i, j)·L(i + a − 1, j + b − 1) over
 // its entries, dS from the relaxation σ((S − τ_b)/T_b) and both entries S(i, j) decides.
 template <typename T>
 void add_block(const std::vector<T>& logits, const std::vector<T>& grad_mask, const T* w, int64_t n, int64_t r0,
                int64_t rows, int64_t c0, int64_t cols, int64_t k, PairBuffers<T>& buf, double* dw) {
-  const int64_t count = rows * cols;
+  const int64_t count = rows * cols, pitch = cols + 2;
+  // The block's logits with a border of zeros (the 3×3 kernel's padding, SPEC §3.2): the
+  // taps of entry (i, j) are tile[(i + a)·pitch + j + b].
+  std::vector<T>& tile = buf.tile;
+  tile.assign((rows + 2) * pitch, T(0));
+  for (int64_t i = 0; i < rows; ++i)
+    std::copy_n(&logits[(r0 + i) * n + c0], cols, &tile[(i + 1) * pitch + 1]);
   std::vector<T>& scores = buf.scores;
   scores.resize(count);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) {
       T score = 0;
       for (int a = 0; a < 3; ++a)
-        for (int b = 0; b < 3; ++b)
-          score += w[a * 3 + b] * block_logit(logits, n, r0, rows, c0, cols, i + a - 1, j + b - 1);
+        for (int b = 0; b < 3; ++b) score += w[a * 3 + b] * tile[(i + a) * pitch + j + b];
       scores[i * cols + j] = score;
     }
   // τ_b midway between the k-th and (k+1)-th largest scores (a NaN ranks last, as in the
@@ -183,7 +202,7 @@ void add_block(const std::vector<T>& logits, const std::vector<T>& grad_mask, co
       if (grad_score == 0.0) continue;
       for (int a = 0; a < 3; ++a)
         for (int b = 0; b < 3; ++b)
-          dw[a * 3 + b] += grad_score * block_logit(logits, n, r0, rows, c0, cols, i + a - 1, j + b - 1);
+          dw[a * 3 + b] += grad_score * tile[(i + a) * pitch + j + b];
     }
 }
 
@@ -199,9 +218,10 @@ void pair_gradient(const ScoreKernelGradParams& sp, int64_t pair, PairBuffers<T>
   portable::gather_rows(static_cast<const T*>(sp.qk), sp.qk_stride, b, h, n, d, buf.x);
   portable::gather_rows(static_cast<const T*>(sp.v), sp.v_stride, b, h, n, dv, buf.v);
   portable::gather_rows(static_cast<const T*>(sp.grad_out), sp.grad_out_stride, b, h, n, dv, buf.g);
-  portable::compute_logits(buf.x, n, d, static_cast<T>(p.scale), buf.logits);
+  products(buf.x, buf.x, n, d, static_cast<T>(p.scale), buf.columns, buf.logits);
+  products(buf.g, buf.v, n, dv, T(1), buf.columns, buf.grad_r);  // dA
   compute_gain(buf.logits, ch, s, p.fuse, buf.gain);
-  compute_scaled_grad_r(buf.g, buf.v, buf.gain, ch, s, dv, buf.grad_r);
+  compute_scaled_grad_r(buf.gain, ch, s, buf.grad_r);
   compute_mask_gradient(buf.logits, buf.grad_r, ch, s, p.fuse, buf.gain);
   const std::vector<T>& grad_mask = buf.gain;
 
