@@ -25,7 +25,7 @@ namespace {
 using portable::Chunks;
 
 // exp of a log-ratio of probabilities, bounded below the type's overflow: reached only at
-// extreme logits, where a fused share outweighs its target row's whole mass (as the
+// extreme logits, where a fused share outweighs its target row's whole mass (which the
 // reference's linear form cannot represent either).
 template <typename T> struct ExpBound;  // log(max) − 8
 template <> struct ExpBound<float> { static constexpr float value = 80.72283935546875f; };
