@@ -1,6 +1,8 @@
-"""The score kernel's surrogate gradient (docs/spec.md §4a): the op's torch implementation
-(bspf_ext/ops/surrogate.py) against the reference's linear-space form, gradcheck of the
-relaxation it differentiates, and the forward and the qk/v gradients unchanged by it."""
+"""The score kernel's surrogate gradient (docs/spec.md §4a) through the public function: the
+op (bspf_ext::score_kernel_grad, here its CPU kernel) against the reference's linear-space
+form, gradcheck of the relaxation it differentiates, and the forward and the qk/v gradients
+unchanged by it. The kernels' own cases are in test_score_kernel_grad_cpu.py and the CUDA
+files beside it."""
 
 import pytest
 import torch

@@ -12,6 +12,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("mask", &bspf::cpu::mask, py::arg("params"), py::call_guard<py::gil_scoped_release>());
   m.def("forward", &bspf::cpu::forward, py::arg("params"), py::call_guard<py::gil_scoped_release>());
   m.def("backward", &bspf::cpu::backward, py::arg("params"), py::call_guard<py::gil_scoped_release>());
+  m.def("score_kernel_grad", &bspf::cpu::score_kernel_grad, py::arg("params"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("capability", &bspf::cpu::capability,
         "The CPU path calls take now: 'avx2' or 'scalar' (BSPF_CPU_CAPABILITY forces one).");
 }

@@ -31,6 +31,13 @@ PYBIND11_MODULE(_cuda, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &bspf::cuda::backward, py::arg("params"), py::arg("workspace"), py::arg("device"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "score_kernel_grad",
+      [](const bspf::ScoreKernelGradParams& params, std::uintptr_t partials, int32_t device, std::uintptr_t stream) {
+        bspf::cuda::score_kernel_grad(params, reinterpret_cast<void*>(partials), device, stream);
+      },
+      py::arg("params"), py::arg("partials"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
   m.def("max_seqlen", &bspf::cuda::max_seqlen, py::arg("dtype"), py::arg("block_size"), py::arg("device"),
         "The largest N the kernels accept for this dtype and block size on the device.");
   m.def("shared_bytes", &bspf::cuda::shared_bytes, py::arg("dtype"), py::arg("block_size"), py::arg("seqlen"),

@@ -86,6 +86,21 @@ inline void bind_params(py::module_& m) {
   BSPF_STRIDE_FIELD(bwd, BackwardParams, qk_stride);
   BSPF_STRIDE_FIELD(bwd, BackwardParams, v_stride);
 
+  py::class_<ScoreKernelGradParams> skg(m, "ScoreKernelGradParams", py::module_local());
+  skg.def(py::init<>())
+      .def_readwrite("p", &ScoreKernelGradParams::p)
+      .def_readwrite("keep_ratio", &ScoreKernelGradParams::keep_ratio)
+      .def_readwrite("saved", &ScoreKernelGradParams::saved)
+      .def_readwrite("num_threads", &ScoreKernelGradParams::num_threads);
+  BSPF_POINTER_FIELD(skg, ScoreKernelGradParams, grad_out, const void*);
+  BSPF_POINTER_FIELD(skg, ScoreKernelGradParams, qk, const void*);
+  BSPF_POINTER_FIELD(skg, ScoreKernelGradParams, v, const void*);
+  BSPF_POINTER_FIELD(skg, ScoreKernelGradParams, score_kernel, const void*);
+  BSPF_POINTER_FIELD(skg, ScoreKernelGradParams, grad_score_kernel, void*);
+  BSPF_STRIDE_FIELD(skg, ScoreKernelGradParams, grad_out_stride);
+  BSPF_STRIDE_FIELD(skg, ScoreKernelGradParams, qk_stride);
+  BSPF_STRIDE_FIELD(skg, ScoreKernelGradParams, v_stride);
+
   m.def("keep_count", &keep_count, py::arg("keep_ratio"), py::arg("rows"), py::arg("cols"));
 }
 

@@ -14,7 +14,7 @@ from bspf_ext.ops import params as _params
 from bspf_ext.ops.geometry import accumulation_dtype, num_chunks
 from bspf_ext.ops.library import unpack_mask_words
 
-__all__ = ["Forward", "forward", "backward", "mask_words", "block_mask", "forward_mask", "unpack_mask_words"]
+__all__ = ["Forward", "forward", "backward", "score_kernel_grad", "mask_words", "block_mask", "forward_mask", "unpack_mask_words"]
 
 DEVICE, STREAM = 0, 0
 
@@ -79,6 +79,21 @@ def backward(cuda, grad_out, qk, v, fwd: Forward, *, block_size, fuse=True, scal
                                      grad_v, 0)
     cuda.backward(params, workspace, DEVICE, STREAM)
     return grad_qk, grad_v
+
+
+def score_kernel_grad(cuda, grad_out, qk, v, score_kernel, fwd: Forward, *, block_size, keep_ratio, fuse=True,
+                      scale=None) -> torch.Tensor:
+    """The (3, 3) surrogate gradient of the score kernel (accumulation type) from the saved
+    buffers of `fwd`."""
+    b, h = qk.shape[:2]
+    grad = garbage((3, 3), accumulation_dtype(qk.dtype))
+    partials = garbage((b * h, 9), torch.float64)
+    kernel = _kernel(qk, score_kernel)
+    saved = _params.saved(cuda, *fwd[1:])
+    params = _params.score_kernel_grad_params(cuda, grad_out, qk, v, kernel, saved, block_size, keep_ratio, fuse,
+                                              _scale(qk, scale), grad, 0)
+    cuda.score_kernel_grad(params, partials.data_ptr(), DEVICE, STREAM)
+    return grad
 
 
 def mask_words(cuda, qk, score_kernel=None, *, block_size, keep_ratio, scale=None) -> torch.Tensor:

@@ -34,6 +34,12 @@ void forward(const ForwardParams& params, int32_t device, std::uintptr_t stream)
 void backward(const BackwardParams& params, const BackwardWorkspace& workspace, int32_t device,
               std::uintptr_t stream);
 
+// Writes params.grad_score_kernel: the surrogate gradient of the score kernel
+// (docs/spec.md §4a). `partials` is scratch of (B·H, 9) doubles, each pair's share of dW
+// (fully written; may be null for an empty problem); the shares are added in pair order,
+// so the result is the same on every run.
+void score_kernel_grad(const ScoreKernelGradParams& params, void* partials, int32_t device, std::uintptr_t stream);
+
 // The largest seqlen the kernels accept for this dtype and block size on `device`
 // (shared memory per block bounds it: the mask words of one chunk's rows live there).
 int64_t max_seqlen(DType dtype, int32_t block_size, int32_t device);

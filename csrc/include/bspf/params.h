@@ -65,6 +65,23 @@ struct BackwardParams {
   int32_t num_threads = 1;
 };
 
+// The score kernel's surrogate gradient (docs/spec.md §4a): the backward's inputs, and
+// keep_ratio and W, which define each block's relaxation.
+struct ScoreKernelGradParams {
+  Problem p;
+  double keep_ratio = 0.5;
+  const void* grad_out = nullptr;
+  int64_t grad_out_stride[4] = {0, 0, 0, 0};
+  const void* qk = nullptr;
+  int64_t qk_stride[4] = {0, 0, 0, 0};
+  const void* v = nullptr;
+  int64_t v_stride[4] = {0, 0, 0, 0};
+  const void* score_kernel = nullptr;  // W: 3×3 row-major, contiguous, accumulation type
+  Saved saved;                         // read only
+  void* grad_score_kernel = nullptr;   // dW: 3×3 row-major, contiguous, accumulation type
+  int32_t num_threads = 1;
+};
+
 // One row of a block is one 64-bit mask word (Saved::mask_words).
 constexpr int32_t kMaxBlockSize = 64;
 

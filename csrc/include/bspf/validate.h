@@ -118,4 +118,23 @@ inline void validate(const BackwardParams& bp) {
   require_saved(bp.saved);
 }
 
+inline void validate(const ScoreKernelGradParams& sp) {
+  using namespace validation;
+  validate(sp.p);
+  if (!(sp.keep_ratio >= 0.0 && sp.keep_ratio <= 1.0)) fail("keep_ratio must be in [0, 1], got " + std::to_string(sp.keep_ratio));
+  require_at_least(sp.num_threads, 0, "num_threads");
+  require_strides(sp.grad_out_stride, "grad_out_stride");
+  require_strides(sp.qk_stride, "qk_stride");
+  require_strides(sp.v_stride, "v_stride");
+  require(sp.grad_score_kernel, "grad_score_kernel");  // written even for an empty problem (zeros)
+  if (is_empty(sp.p)) return;
+  require(sp.qk, "qk");
+  require(sp.score_kernel, "score_kernel");
+  if (sp.p.value_dim > 0) {
+    require(sp.v, "v");
+    require(sp.grad_out, "grad_out");
+  }
+  require_saved(sp.saved);
+}
+
 }  // namespace bspf

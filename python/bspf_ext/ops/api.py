@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import surrogate, validation
+from . import validation
 from .._checks import check_choice
-from .library import backward_op, block_mask_op, forward_op
+from .library import backward_op, block_mask_op, forward_op, score_kernel_grad_op
 
 # What the score kernel's gradient is: exactly zero (SPEC §4: W only moves the discrete
 # mask), or the surrogate of docs/spec.md §4a that makes a learnable scorer learn.
@@ -80,8 +80,6 @@ class _SurrogateScoreKernel(torch.autograd.Function):
         grad_qk, grad_v = backward_op(grad_out, qk, v, *saved, ctx.block_size, ctx.fuse, ctx.scale)
         grad_kernel = None
         if ctx.needs_input_grad[2]:
-            logits = surrogate.logits_of(qk, ctx.scale)
-            grad_mask = surrogate.mask_gradient(grad_out, logits, v, *saved, ctx.block_size, ctx.fuse)
-            grad_kernel = surrogate.score_kernel_gradient(grad_mask, logits, score_kernel, ctx.block_size,
-                                                          ctx.keep_ratio)
+            grad_kernel = score_kernel_grad_op(grad_out, qk, v, score_kernel, *saved, ctx.block_size, ctx.keep_ratio,
+                                               ctx.fuse, ctx.scale)
         return grad_qk, grad_v, grad_kernel, None, None, None, None

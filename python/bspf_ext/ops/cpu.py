@@ -7,8 +7,10 @@ import torch
 
 from .. import _C
 from . import params as _params
-from .geometry import num_chunks
-from .library import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
+from .validation import check_score_kernel_grad_inputs
+from .geometry import accumulation_dtype, num_chunks
+from .library import (allocate_forward, backward_op, block_mask_op, forward_op, score_kernel_grad_op,
+                      unpack_mask_words)
 
 
 @forward_op.register_kernel("cpu")
@@ -55,3 +57,17 @@ def _block_mask_cpu(qk, score_kernel, block_size, keep_ratio, scale):
     )
     _C.mask(params)
     return unpack_mask_words(mask_words, n, block_size)
+
+
+@score_kernel_grad_op.register_kernel("cpu")
+def _score_kernel_grad_cpu(grad_out, qk, v, score_kernel, mask_words, match, rho, lse, log_row_sum, block_size,
+                           keep_ratio, fuse, scale):
+    check_score_kernel_grad_inputs(grad_out, qk, v, score_kernel)
+    grad = torch.empty((3, 3), dtype=accumulation_dtype(qk.dtype))
+    weights = _params.score_kernel_buffer(score_kernel, qk.dtype)
+    saved = _params.saved(_C, mask_words, match, rho, lse, log_row_sum)
+    params = _params.score_kernel_grad_params(
+        _C, grad_out, qk, v, weights, saved, block_size, keep_ratio, fuse, scale, grad, torch.get_num_threads()
+    )
+    _C.score_kernel_grad(params)  # zeros for an empty problem
+    return grad.to(score_kernel.dtype)

@@ -10,7 +10,9 @@ from .. import _cuda
 from . import backends
 from . import params as _params
 from .geometry import accumulation_dtype, num_chunks
-from .library import allocate_forward, backward_op, block_mask_op, forward_op, unpack_mask_words
+from .library import (allocate_forward, backward_op, block_mask_op, forward_op, score_kernel_grad_op,
+                      unpack_mask_words)
+from .validation import check_score_kernel_grad_inputs
 
 
 def _stream(device: torch.device) -> int:
@@ -72,3 +74,21 @@ def _block_mask_cuda(qk, score_kernel, block_size, keep_ratio, scale):
         params = _params.forward_params(_cuda, qk, qk, weights, block_size, keep_ratio, True, scale, None, saved, 0)
         _cuda.mask(params, qk.device.index, _stream(qk.device))
     return unpack_mask_words(mask_words, n, block_size)
+
+
+@score_kernel_grad_op.register_kernel("cuda")
+def _score_kernel_grad_cuda(grad_out, qk, v, score_kernel, mask_words, match, rho, lse, log_row_sum, block_size,
+                            keep_ratio, fuse, scale):
+    check_score_kernel_grad_inputs(grad_out, qk, v, score_kernel)
+    backends.check_cuda_driver()
+    b, h = qk.shape[:2]
+    with torch.cuda.device(qk.device):
+        grad = torch.empty((3, 3), dtype=accumulation_dtype(qk.dtype), device=qk.device)
+        partials = torch.empty((b * h, 9), dtype=torch.float64, device=qk.device)  # each pair's share
+        weights = _params.score_kernel_buffer(score_kernel, qk.dtype)
+        saved = _params.saved(_cuda, mask_words, match, rho, lse, log_row_sum)
+        params = _params.score_kernel_grad_params(
+            _cuda, grad_out, qk, v, weights, saved, block_size, keep_ratio, fuse, scale, grad, 0
+        )
+        _cuda.score_kernel_grad(params, partials.data_ptr(), qk.device.index, _stream(qk.device))
+    return grad.to(score_kernel.dtype)

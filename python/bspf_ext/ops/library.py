@@ -2,11 +2,14 @@
 implementations and autograd. The device kernels register themselves from cpu.py and,
 when the package was built with CUDA, cuda.py; the public functions are in api.py.
 
-Three ops:
+Four ops:
   bspf_ext::forward   -> (out, mask_words, match, rho, lse, log_row_sum); the last five are
                          the discrete choices and row statistics saved for the backward
   bspf_ext::backward  -> (grad_qk, grad_v), its own op so compile/opcheck/graphs compose
   bspf_ext::block_mask -> the boolean keep mask
+  bspf_ext::score_kernel_grad -> the (3, 3) surrogate gradient of the score kernel
+                         (docs/spec.md §4a), from the backward's inputs; used by
+                         score_kernel_grad="surrogate" (api.py)
 """
 
 from __future__ import annotations
@@ -49,6 +52,25 @@ def block_mask_op(qk: Tensor, score_kernel: Tensor, block_size: int, keep_ratio:
     raise NotImplementedError(f"bspf_ext::block_mask has no kernel for device {qk.device}")
 
 
+@torch.library.custom_op("bspf_ext::score_kernel_grad", mutates_args=(), device_types=())
+def score_kernel_grad_op(
+    grad_out: Tensor,
+    qk: Tensor,
+    v: Tensor,
+    score_kernel: Tensor,
+    mask_words: Tensor,
+    match: Tensor,
+    rho: Tensor,
+    lse: Tensor,
+    log_row_sum: Tensor,
+    block_size: int,
+    keep_ratio: float,
+    fuse: bool,
+    scale: float,
+) -> Tensor:
+    raise NotImplementedError(f"bspf_ext::score_kernel_grad has no kernel for device {qk.device}")
+
+
 # ------------------------------------------------------------- shapes (fake and real)
 
 
@@ -78,6 +100,11 @@ def _(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
 @backward_op.register_fake
 def _(grad_out, qk, v, mask_words, match, rho, lse, log_row_sum, block_size, fuse, scale):
     return qk.new_empty(qk.shape), v.new_empty(v.shape)
+
+
+@score_kernel_grad_op.register_fake
+def _(grad_out, qk, v, score_kernel, mask_words, match, rho, lse, log_row_sum, block_size, keep_ratio, fuse, scale):
+    return score_kernel.new_empty((3, 3))
 
 
 @block_mask_op.register_fake

@@ -61,3 +61,18 @@ def backward_params(backend, grad_out, qk, v, saved_struct, block_size, fuse, sc
     bp.grad_v = grad_v.data_ptr()
     bp.num_threads = threads
     return bp
+
+
+def score_kernel_grad_params(backend, grad_out, qk, v, score_weights, saved_struct, block_size, keep_ratio, fuse,
+                             scale, grad_score_kernel, threads):
+    sp = backend.ScoreKernelGradParams()
+    sp.p = problem(backend, qk, v, block_size, scale, fuse)
+    sp.keep_ratio = keep_ratio
+    sp.grad_out, sp.grad_out_stride = grad_out.data_ptr(), list(grad_out.stride())
+    sp.qk, sp.qk_stride = qk.data_ptr(), list(qk.stride())
+    sp.v, sp.v_stride = v.data_ptr(), list(v.stride())
+    sp.score_kernel = score_weights.data_ptr()
+    sp.saved = saved_struct
+    sp.grad_score_kernel = grad_score_kernel.data_ptr()
+    sp.num_threads = threads
+    return sp

@@ -136,3 +136,16 @@ def mask_arguments(qk, score_kernel, block_size, keep_ratio, scale) -> tuple:
     kernel = score_kernel_or_box(score_kernel, qk)
     check_device(qk)
     return qk, kernel, block_size, keep_ratio, scale
+
+
+def check_score_kernel_grad_inputs(grad_out, qk, v, score_kernel) -> None:
+    """What bspf_ext::score_kernel_grad's kernels read beyond the forward's own buffers: the
+    output gradient and W, shaped as the forward's (its values were checked there)."""
+    if tuple(score_kernel.shape) != (3, 3):
+        raise ValueError(f"score_kernel must have shape (3, 3), got {tuple(score_kernel.shape)}")
+    if tuple(grad_out.shape) != tuple(v.shape):
+        raise ValueError(f"grad_out must have shape {tuple(v.shape)} (that of v), got {tuple(grad_out.shape)}")
+    for name, t in (("grad_out", grad_out), ("v", v), ("score_kernel", score_kernel)):
+        if t.dtype != qk.dtype or t.device != qk.device:
+            raise TypeError(f"{name} must have the dtype and device of qk ({qk.dtype}, {qk.device}), "
+                            f"got {t.dtype}, {t.device}")
