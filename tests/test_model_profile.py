@@ -47,9 +47,10 @@ def test_cli_profile(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Where the time goes at batch 2" in out and "profile.md" in out
-    result = json.loads((tmp_path / "results.json").read_text())
-    assert result["profile"]["batch"] == 2 and set(result["profile"]["ms_per_forward"]) == {"dense", "bspf"}
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert result["options"]["batch"] == 2 and set(result["ms_per_forward"]) == {"dense", "bspf"}
     assert (tmp_path / "profile.md").read_text().startswith("| ms per forward |")
+    assert (tmp_path / "results.json").exists()  # the timed table as without --profile
 
 
 def test_profile_needs_model(capsys):

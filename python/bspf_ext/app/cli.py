@@ -210,10 +210,19 @@ def _cmd_model_bench(args) -> int:
         args.model, args.batch or [1, 8, 32, 64], args.out or "runs/bench", variants=args.variants or list(model_bench.VARIANTS),
         device=args.device, img_size=args.img_size or 224, rounds=args.repeats or 5,
         warmup=1 if args.warmup is None else args.warmup, block_size=args.block_size, keep_ratio=args.keep_ratio,
-        threads=args.threads, progress=not args.no_progress, profile_batch=args.profile)
+        threads=args.threads, progress=not args.no_progress)
     print(result["table"])
-    profiled = ", profile.md" if args.profile is not None else ""
-    print(f"wrote {result['out']}/results.json, table.md, throughput.png{profiled}")
+    print(f"wrote {result['out']}/results.json, table.md, throughput.png")
+    if args.profile is not None:
+        from . import model_profile
+
+        profiled = model_profile.run(
+            args.model, args.profile, result["out"], variants=args.variants or list(model_bench.VARIANTS),
+            device=args.device, img_size=args.img_size or 224, block_size=args.block_size,
+            keep_ratio=args.keep_ratio, threads=args.threads)
+        print(f"\nWhere the time goes at batch {args.profile} (torch.profiler, self time by kind, ms per forward):\n")
+        print(profiled["table"])
+        print(f"wrote {profiled['out']}/profile.json, profile.md")
     return 0
 
 

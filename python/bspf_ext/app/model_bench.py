@@ -198,36 +198,23 @@ def machine() -> dict:
     return info
 
 
-def run(model: str, batches: Sequence[int], out, *, threads: Optional[int] = None,
-        profile_batch: Optional[int] = None, **options) -> dict:
+def run(model: str, batches: Sequence[int], out, *, threads: Optional[int] = None, **options) -> dict:
     """benchmark_models (with `threads` CPU threads, default torch's), then results.json,
-    table.md and throughput.png in `out`; with `profile_batch`, also where each variant's
-    time goes at that batch size (model_profile.py), in profile.md and results.json."""
-    from .model_profile import format_profile, profile_models
-
+    table.md and throughput.png in `out`."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         rows = benchmark_models(model, batches, **options)
-        profile = None
-        if profile_batch is not None:
-            keep = ("variants", "device", "img_size", "block_size", "keep_ratio", "depth")
-            profile = profile_models(model, profile_batch, **{k: v for k, v in options.items() if k in keep})
         info = machine()
     finally:
         torch.set_num_threads(previous)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "options": {"model": model, "batches": list(batches), **options}, "rows": rows}
-    table = format_table(rows)
-    if profile is not None:
-        result["profile"] = {"batch": profile_batch, "ms_per_forward": profile}
-        table += f"\n\nWhere the time goes at batch {profile_batch} (torch.profiler, self time by kind):\n\n"
-        table += format_profile(profile)
-        (out / "profile.md").write_text(format_profile(profile) + "\n")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "table.md").write_text(format_table(rows) + "\n")
+    table = format_table(rows)
+    (out / "table.md").write_text(table + "\n")
     device = options.get("device", "cpu")
     draw_throughput(rows, out / "throughput.png", title=f"{model}, {options.get('img_size', 224)} px, {device}")
     return {"table": table, "out": str(out), **result}

@@ -11,13 +11,15 @@ split between kinds is what to read.
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
-from .model_bench import VARIANTS, _check_model_name, _parse_device, build_variant
+from .model_bench import VARIANTS, _check_model_name, _parse_device, build_variant, machine
 
-__all__ = ["KINDS", "kind_of", "profile_models", "format_profile"]
+__all__ = ["KINDS", "kind_of", "profile_models", "format_profile", "run"]
 
 # kind -> the operations (torch.profiler names) it holds; everything else is "other".
 KINDS = {
@@ -83,3 +85,23 @@ def format_profile(profile: dict) -> str:
         cells = " | ".join(f"{profile[name][kind]:.1f}" for name in names)
         lines.append(f"| {kind} | {cells} |")
     return "\n".join(lines)
+
+
+def run(model: str, batch: int, out, *, threads: Optional[int] = None, **options) -> dict:
+    """profile_models (with `threads` CPU threads, default torch's), then profile.json and
+    profile.md in `out`."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        profile = profile_models(model, batch, **options)
+        info = machine()
+    finally:
+        torch.set_num_threads(previous)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": info, "options": {"model": model, "batch": batch, **options}, "ms_per_forward": profile}
+    (out / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = format_profile(profile)
+    (out / "profile.md").write_text(table + "\n")
+    return {"table": table, "out": str(out), **result}
