@@ -23,7 +23,8 @@ def tensors():
     v = torch.randn(B, H, N, DV, generator=generator)
     outputs = allocate_forward(qk, v, BLOCK)
     kernel = _params.score_kernel_buffer(reference.box_score_kernel(qk.dtype), qk.dtype)
-    return dict(qk=qk, v=v, outputs=outputs, kernel=kernel, grad_qk=torch.empty_like(qk), grad_v=torch.empty_like(v))
+    return dict(qk=qk, v=v, outputs=outputs, kernel=kernel, grad_out=torch.ones_like(v), grad_qk=torch.empty_like(qk),
+                grad_v=torch.empty_like(v))
 
 
 def forward_params(t):
@@ -36,7 +37,7 @@ def forward_params(t):
 def backward_params(t):
     _, *saved = t["outputs"]
     return _params.backward_params(
-        _C, torch.ones_like(t["v"]), t["qk"], t["v"], _params.saved(_C, *saved), BLOCK, True, 0.5,
+        _C, t["grad_out"], t["qk"], t["v"], _params.saved(_C, *saved), BLOCK, True, 0.5,
         t["grad_qk"], t["grad_v"], 1,
     )
 
