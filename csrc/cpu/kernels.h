@@ -43,16 +43,26 @@ struct KeepCounts {
 // works in log space and overwrites whatever was written.
 enum class Outcome { kDone, kNoMemory, kNeedsPortable };
 
-// The path's two products, the stages whose speed is set by the vector width: the dense
-// GEMM (logits, and the backward's products) and the sparse row products (A·V over kept
-// entries, dV). kProducts computes them 8 lanes wide; avx512::kProducts 16 lanes wide, on
-// CPUs with AVX-512F (dispatch.cpp chooses). Their contracts are in avx2/gemm.h.
+// What the k-th score search of a block starts from (avx2/selection.cpp): the smallest and
+// largest order key of its real entries, and the mean and standard deviation of its scores.
+struct BlockScores {
+  int32_t lowest_key, highest_key;
+  double mean, deviation;
+};
+
+// The path's stages whose speed is set by the vector width: the dense GEMM (logits, and
+// the backward's products), the sparse row products (A·V over kept entries, dV) and the
+// scoring of an upper block. kProducts computes them 8 lanes wide; avx512::kProducts 16
+// lanes wide, on CPUs with AVX-512F (dispatch.cpp chooses). Their contracts are in
+// avx2/gemm.h and avx2/selection.h.
 struct Products {
   void (*gemm)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
                int64_t rows, int64_t cols, float alpha, bool upper);
   void (*sparse_rows)(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_t bw, int64_t ld,
                       const float* b, int64_t ldb, int64_t width, const float* alpha, int64_t rows, int32_t* lists,
                       float* out, int64_t ldo);
+  BlockScores (*score_block)(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
+                             float* tile, int32_t* keys);
 };
 extern const Products kProducts;
 

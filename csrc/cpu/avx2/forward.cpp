@@ -37,6 +37,8 @@ bool reserve_forward(const Geometry& g, Workspace& ws) {
          ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
 }
 
+const Products kProducts = {gemm, sparse_rows, score_block};
+
 Workspace* create_workspace() { return new (std::nothrow) Workspace(); }
 
 void destroy_workspace(Workspace* ws) { delete ws; }
@@ -48,7 +50,7 @@ bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& 
   if (!reserve_forward(g, ws)) return false;
   load_logits(g, products, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads,
               static_cast<float>(fp.p.scale), Mirror::kNone, ws);
-  compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws,
+  compute_mask_words(g, products, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws,
                      fp.saved.mask_words + pair * g.n * g.chunks);
   return true;
 }
@@ -80,7 +82,7 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   } else {
     gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, g.n, g.dvp, ws.v.data);
   }
-  compute_mask_words(g, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws, words);
+  compute_mask_words(g, products, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws, words);
   compute_match(g, ws.x.data, ws.logits.data, static_cast<float>(fp.p.scale), ws, match, rho);
 
   // E = exp(L − c) with one shift for all rows (symmetric: half the exps), then one chunk

@@ -227,6 +227,4 @@ void load_logits(const Geometry& g, const Products& products, const float* qk, c
   compute_logits(g, products, ws.x.data, ws.xt.data, scale, mirror, ws.logits.data);
 }
 
-const Products kProducts = {gemm, sparse_rows};
-
 }  // namespace bspf::cpu::avx2

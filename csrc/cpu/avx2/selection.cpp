@@ -178,70 +178,27 @@ bool search_by_value(const int32_t* keys, int64_t count, int64_t real, const Blo
   return false;
 }
 
-// Scores one upper block (SPEC §3.2: 3×3 conv of its logits, zero outside the block),
-// keeps its k best (§3.3) and returns the kept bits per row in `row_bits` and per column
-// (the mirrored block's rows) in `col_bits`.
+// Keeps the k best entries of one upper block (§3.3), scored by products.score_block, and
+// returns the kept bits per row in `row_bits` and per column (the mirrored block's rows) in
+// `col_bits`.
 //
 // Selection is a bisection on the order keys for the k-th largest, without sorting: the
 // kept set is every key above it plus, among keys equal to it, the first ones in
 // row-major order. It stops early once some threshold splits off exactly k entries.
-void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
-                  const float* score_kernel, const BlockRank& rank, Workspace& ws, uint64_t* row_bits, uint64_t* col_bits) {
+void select_block(const Geometry& g, const Products& products, const float* logits, int64_t r0, int64_t rows,
+                  int64_t c0, int64_t cols, const float* score_kernel, const BlockRank& rank, Workspace& ws,
+                  uint64_t* row_bits, uint64_t* col_bits) {
   const int64_t k = rank.k;
-  const int64_t ts = round_up8(cols + 2) + kLanes;  // padded tile row: zero, cols values, zeros
-  const int64_t sp = round_up8(cols);               // key row stride
-  float* tile = ws.tile.data;
+  const int64_t sp = round_up8(cols), rp = round_up8(rows);  // key row stride, rows with padding
   int32_t* keys = ws.keys.data;
-  const __m256 zero = _mm256_setzero_ps();
-
-  std::memset(tile, 0, sizeof(float) * ts);
-  std::memset(tile + (rows + 1) * ts, 0, sizeof(float) * ts);
-  for (int64_t i = 0; i < rows; ++i) {
-    float* t = tile + (i + 1) * ts;
-    const float* src = logits + (r0 + i) * g.ld + c0;
-    t[0] = 0.0f;
-    for (int64_t j = 0; j < cols; j += kLanes) _mm256_storeu_ps(t + 1 + j, _mm256_loadu_ps(src + j));
-    _mm256_storeu_ps(t + 1 + cols, zero);  // what the last vector copied past the block
-  }
-
-  __m256 w[9];
-  for (int e = 0; e < 9; ++e) w[e] = _mm256_set1_ps(score_kernel[e]);
-  const __m256i padding = _mm256_set1_epi32(INT_MIN);  // below every real key
-  __m256i lowest = _mm256_set1_epi32(INT_MAX), highest = padding;
-  __m256 sum = zero, sum_squares = zero;  // of the scores: the search's first guess
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < sp; j += kLanes) {
-      __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(tile + i * ts + j));
-      for (int e = 1; e < 9; ++e)
-        s = _mm256_fmadd_ps(w[e], _mm256_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
-      __m256i key = order_key(s);
-      highest = _mm256_max_epi32(highest, key);
-      if (j + kLanes > cols) {
-        const __m256 real = lane_mask(cols - j);
-        const __m256i real_i = _mm256_castps_si256(real);
-        lowest = _mm256_min_epi32(lowest, _mm256_blendv_epi8(_mm256_set1_epi32(INT_MAX), key, real_i));
-        key = _mm256_blendv_epi8(padding, key, real_i);
-        s = _mm256_and_ps(s, real);
-      } else {
-        lowest = _mm256_min_epi32(lowest, key);
-      }
-      sum = _mm256_add_ps(sum, s);
-      sum_squares = _mm256_fmadd_ps(s, s, sum_squares);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), key);
-    }
-  const double entries = static_cast<double>(rows * cols);
-  const double mean = hsum(sum) / entries;
-  const double variance = hsum(sum_squares) / entries - mean * mean;
-  const double deviation = variance > 0.0 ? __builtin_sqrt(variance) : 0.0;  // 0 (no model) for NaN too
-
-  const int64_t rp = round_up8(rows);
-  for (int64_t i = rows; i < rp; ++i)
-    for (int64_t j = 0; j < sp; j += kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), padding);
+  const BlockScores scores =
+      products.score_block(logits + r0 * g.ld + c0, g.ld, rows, cols, score_kernel, ws.tile.data, keys);
+  const double mean = scores.mean, deviation = scores.deviation;
 
   const int64_t count = rp * sp;
   int32_t threshold = 0;
   int64_t at_least = 0;
-  if (!search_by_value(keys, count, rows * cols, rank, mean, deviation, hmin_epi32(lowest), hmax_epi32(highest),
+  if (!search_by_value(keys, count, rows * cols, rank, mean, deviation, scores.lowest_key, scores.highest_key,
                        &threshold, &at_least)) {
     // Bisection in unsigned key space (u = key ^ 2^31): the largest u with ≥ k keys at or above it.
     uint32_t u = 0;
@@ -299,8 +256,64 @@ void select_block(const Geometry& g, const float* logits, int64_t r0, int64_t ro
 
 }  // namespace
 
-void compute_mask_words(const Geometry& g, const float* logits, const float* score_kernel, const KeepCounts& keep,
-                        Workspace& ws, uint64_t* words) {
+BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
+                        float* tile, int32_t* keys) {
+  const int64_t ts = round_up8(cols + 2) + kLanes;  // padded tile row: zero, cols values, zeros
+  const int64_t sp = round_up8(cols);               // key row stride
+  const __m256 zero = _mm256_setzero_ps();
+
+  std::memset(tile, 0, sizeof(float) * ts);
+  std::memset(tile + (rows + 1) * ts, 0, sizeof(float) * ts);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* t = tile + (i + 1) * ts;
+    const float* src = block + i * ld;
+    t[0] = 0.0f;
+    for (int64_t j = 0; j < cols; j += kLanes) _mm256_storeu_ps(t + 1 + j, _mm256_loadu_ps(src + j));
+    _mm256_storeu_ps(t + 1 + cols, zero);  // what the last vector copied past the block
+  }
+
+  __m256 w[9];
+  for (int e = 0; e < 9; ++e) w[e] = _mm256_set1_ps(score_kernel[e]);
+  const __m256i padding = _mm256_set1_epi32(INT_MIN);  // below every real key
+  __m256i lowest = _mm256_set1_epi32(INT_MAX), highest = padding;
+  __m256 sum = zero, sum_squares = zero;  // of the scores: the search's first guess
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < sp; j += kLanes) {
+      __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(tile + i * ts + j));
+      for (int e = 1; e < 9; ++e)
+        s = _mm256_fmadd_ps(w[e], _mm256_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
+      __m256i key = order_key(s);
+      if (j + kLanes > cols) {
+        const __m256 real = lane_mask(cols - j);
+        const __m256i real_i = _mm256_castps_si256(real);
+        key = _mm256_blendv_epi8(padding, key, real_i);
+        lowest = _mm256_min_epi32(lowest, _mm256_blendv_epi8(_mm256_set1_epi32(INT_MAX), key, real_i));
+        s = _mm256_and_ps(s, real);
+      } else {
+        lowest = _mm256_min_epi32(lowest, key);
+      }
+      highest = _mm256_max_epi32(highest, key);
+      sum = _mm256_add_ps(sum, s);
+      sum_squares = _mm256_fmadd_ps(s, s, sum_squares);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), key);
+    }
+  const int64_t rp = round_up8(rows);
+  for (int64_t i = rows; i < rp; ++i)
+    for (int64_t j = 0; j < sp; j += kLanes)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i * sp + j), padding);
+
+  BlockScores scores;
+  const double entries = static_cast<double>(rows * cols);
+  scores.mean = hsum(sum) / entries;
+  const double variance = hsum(sum_squares) / entries - scores.mean * scores.mean;
+  scores.deviation = variance > 0.0 ? __builtin_sqrt(variance) : 0.0;  // 0 (no model) for NaN too
+  scores.lowest_key = hmin_epi32(lowest);
+  scores.highest_key = hmax_epi32(highest);
+  return scores;
+}
+
+void compute_mask_words(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
+                        const KeepCounts& keep, Workspace& ws, uint64_t* words) {
   const int64_t C = g.chunks;
   std::memset(words, 0, sizeof(uint64_t) * g.n * C);
   for (int64_t m = 0; m < C; ++m)
@@ -318,7 +331,7 @@ void compute_mask_words(const Geometry& g, const float* logits, const float* sco
         for (int64_t i = 0; i < rows; ++i) row_bits[i] = low_bits(cols);
         for (int64_t j = 0; j < cols; ++j) col_bits[j] = low_bits(rows);
       } else {
-        select_block(g, logits, r0, rows, c0, cols, score_kernel, rank, ws, row_bits, col_bits);
+        select_block(g, products, logits, r0, rows, c0, cols, score_kernel, rank, ws, row_bits, col_bits);
       }
       for (int64_t i = 0; i < rows; ++i) words[(r0 + i) * C + bn] = row_bits[i];
       for (int64_t j = 0; j < cols; ++j) words[(c0 + j) * C + m] = col_bits[j];

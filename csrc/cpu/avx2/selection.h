@@ -9,7 +9,15 @@
 namespace bspf::cpu::avx2 {
 
 // SPEC §3.3 for one pair: diagonal blocks full, upper blocks selected, mirrored below.
-void compute_mask_words(const Geometry& g, const float* logits, const float* score_kernel, const KeepCounts& keep,
-                        Workspace& ws, uint64_t* words);
+void compute_mask_words(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
+                        const KeepCounts& keep, Workspace& ws, uint64_t* words);
+
+// The scores of one upper block (SPEC §3.2: the 3×3 kernel over its rows × cols logits at
+// `block`, row stride ld, zero outside the block) as order keys: an int32 per entry whose
+// signed order is the scores' order (-0 as +0, NaN lowest), rows of round_up8(cols) keys,
+// round_up8(rows) rows, INT_MIN in the padding. `tile` is scratch of (rows + 2) ·
+// (round_up8(cols + 2) + 8) floats. Returns what the k-th score search starts from.
+BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
+                        float* tile, int32_t* keys);
 
 }  // namespace bspf::cpu::avx2

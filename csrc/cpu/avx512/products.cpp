@@ -1,8 +1,9 @@
-// The AVX-512 products (kernels.h, avx512::kProducts): the AVX2 path's dense GEMM and sparse
-// row products computed 16 lanes wide, on CPUs with AVX-512F. Everything else of the path is
-// the AVX2 code: these two stages are over half of a forward at the target shape, and they
-// are bound by FMA throughput, which 512-bit vectors double on a CPU with two 512-bit FMA
-// units (docs/performance.md, "AVX-512").
+// The AVX-512 products (kernels.h, avx512::kProducts): the AVX2 path's dense GEMM, sparse
+// row products and block scoring computed 16 lanes wide, on CPUs with AVX-512F. Everything
+// else of the path is the AVX2 code: the two products are over half of a forward at the
+// target shape and are bound by FMA throughput, which 512-bit vectors double on a CPU with
+// two 512-bit FMA units; a block row of 16 scores is one vector (docs/performance.md, "The
+// AVX-512 products").
 //
 // Compiled with -mavx512f (cmake/SimdFlags.cmake). It includes no header of the AVX2 path
 // and uses no std:: code, so no inline function compiled here can be merged with an AVX2 or
@@ -11,7 +12,9 @@
 // Results: the GEMM forms every entry with the same FMA chain over k as the AVX2 GEMM, so
 // logits are bit for bit those of the AVX2 path (the forward's logit_row relies on that).
 // The 64-wide sparse product sums each row's entries in two interleaved halves, so it
-// differs from the AVX2 path in rounding only; at other widths the sums are the same.
+// differs from the AVX2 path in rounding only; at other widths the sums are the same. The
+// block scores and their order keys are the AVX2 path's bit for bit, so both choose the
+// same mask.
 //
 // Accumulators are named variables, not arrays: GCC keeps an array of accumulators in
 // registers but may also store all of it on every iteration, which makes a loop store-bound.
@@ -241,8 +244,73 @@ void sparse_rows(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_
   }
 }
 
+// Float → int32 whose signed order is the float order; -0 counts as +0 and NaN as -inf
+// (NaN ranks last): the AVX2 path's order keys, 16 at a time.
+inline __m512i order_key(__m512 s) {
+  s = _mm512_add_ps(s, _mm512_setzero_ps());  // -0 + 0 = +0
+  s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), _mm512_set1_ps(-__builtin_inff()), s);
+  const __m512i bits = _mm512_castps_si512(s);
+  const __m512i flip = _mm512_and_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_xor_si512(bits, flip);
+}
+
+// avx2::score_block 16 lanes wide (selection.h: the same tile, the same key layout, and
+// the same FMA chain per score, so the same keys bit for bit; a block row of 16 entries is
+// one vector).
+avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
+                              float* tile, int32_t* keys) {
+  const int64_t ts = ((cols + 2 + 7) & ~int64_t{7}) + 8;  // padded tile row: zero, cols values, zeros
+  const int64_t sp = (cols + 7) & ~int64_t{7};            // key row stride
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t c = 0; c < ts; c += kLanes) {
+    _mm512_mask_storeu_ps(tile + c, lanes_below(ts - c), zero);
+    _mm512_mask_storeu_ps(tile + (rows + 1) * ts + c, lanes_below(ts - c), zero);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* t = tile + (i + 1) * ts;
+    t[0] = 0.0f;
+    for (int64_t j = 0; j < cols; j += kLanes) {
+      const __mmask16 part = lanes_below(cols - j);
+      _mm512_mask_storeu_ps(t + 1 + j, part, _mm512_maskz_loadu_ps(part, block + i * ld + j));
+    }
+    _mm512_mask_storeu_ps(t + 1 + cols, lanes_below(ts - 1 - cols), zero);  // the rest of the row
+  }
+
+  __m512 w[9];
+  for (int e = 0; e < 9; ++e) w[e] = _mm512_set1_ps(score_kernel[e]);
+  const __m512i padding = _mm512_set1_epi32(INT32_MIN);  // below every real key
+  __m512i lowest = _mm512_set1_epi32(INT32_MAX), highest = padding;
+  __m512 sum = zero, sum_squares = zero;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < sp; j += kLanes) {
+      __m512 s = _mm512_mul_ps(w[0], _mm512_loadu_ps(tile + i * ts + j));
+      for (int e = 1; e < 9; ++e)
+        s = _mm512_fmadd_ps(w[e], _mm512_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
+      const __mmask16 real = lanes_below(cols - j);
+      const __m512i key = _mm512_mask_blend_epi32(real, padding, order_key(s));
+      lowest = _mm512_mask_min_epi32(lowest, real, lowest, key);
+      highest = _mm512_max_epi32(highest, key);
+      s = _mm512_maskz_mov_ps(real, s);
+      sum = _mm512_add_ps(sum, s);
+      sum_squares = _mm512_fmadd_ps(s, s, sum_squares);
+      _mm512_mask_storeu_epi32(keys + i * sp + j, lanes_below(sp - j), key);
+    }
+  const int64_t rp = (rows + 7) & ~int64_t{7};
+  for (int64_t i = rows; i < rp; ++i)
+    for (int64_t j = 0; j < sp; j += kLanes) _mm512_mask_storeu_epi32(keys + i * sp + j, lanes_below(sp - j), padding);
+
+  avx2::BlockScores scores;
+  const double entries = static_cast<double>(rows * cols);
+  scores.mean = _mm512_reduce_add_ps(sum) / entries;
+  const double variance = _mm512_reduce_add_ps(sum_squares) / entries - scores.mean * scores.mean;
+  scores.deviation = variance > 0.0 ? __builtin_sqrt(variance) : 0.0;  // 0 (no model) for NaN too
+  scores.lowest_key = _mm512_reduce_min_epi32(lowest);
+  scores.highest_key = _mm512_reduce_max_epi32(highest);
+  return scores;
+}
+
 }  // namespace
 
-const avx2::Products kProducts = {gemm, sparse_rows};
+const avx2::Products kProducts = {gemm, sparse_rows, score_block};
 
 }  // namespace bspf::cpu::avx512
