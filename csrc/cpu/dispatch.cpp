@@ -99,14 +99,6 @@ WorkspacePool& pool() {
   return instance;
 }
 
-// The products of the path capability() names ("avx2" or "avx512").
-const avx2::Products& products() {
-#if defined(BSPF_HAVE_AVX512)
-  if (std::strcmp(capability(), "avx512") == 0) return avx512::kProducts;
-#endif
-  return avx2::kProducts;
-}
-
 // Runs pair_fn(pair, workspace) for every (b, h) pair on params' threads; each pair is
 // computed start to end by one thread, so results do not depend on scheduling.
 template <typename Params, typename PairFn>
@@ -134,10 +126,15 @@ avx2::KeepCounts keep_counts(const ForwardParams& params) {
   return keep;
 }
 
-// capability() first: a bad BSPF_CPU_CAPABILITY is an error whatever the dtype.
-bool use_avx2(DType dtype) {
-  const bool vector_path = std::strcmp(capability(), "scalar") != 0;
-  return vector_path && dtype == DType::kFloat32;
+// The vector path's products for a call of this dtype ("avx2" or "avx512"), or null for the
+// portable path. capability() first: a bad BSPF_CPU_CAPABILITY is an error whatever the dtype.
+const avx2::Products* vector_products(DType dtype) {
+  const char* path = capability();
+  if (dtype != DType::kFloat32 || std::strcmp(path, "scalar") == 0) return nullptr;
+#if defined(BSPF_HAVE_AVX512)
+  if (std::strcmp(path, "avx512") == 0) return &avx512::kProducts;
+#endif
+  return &avx2::kProducts;
 }
 
 #endif  // BSPF_HAVE_AVX2
@@ -164,11 +161,10 @@ const char* capability() {
 void mask(const ForwardParams& params) {
   validate(params, Entry::kMask);
 #if defined(BSPF_HAVE_AVX2)
-  if (use_avx2(params.p.dtype)) {
+  if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
-    const avx2::Products& chosen = products();
     return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
-      return avx2::mask_pair(params, keep, chosen, pair, ws);
+      return avx2::mask_pair(params, keep, *products, pair, ws);
     });
   }
 #else
@@ -180,11 +176,10 @@ void mask(const ForwardParams& params) {
 void forward(const ForwardParams& params) {
   validate(params, Entry::kForward);
 #if defined(BSPF_HAVE_AVX2)
-  if (use_avx2(params.p.dtype)) {
+  if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
-    const avx2::Products& chosen = products();
     return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
-      const avx2::Outcome outcome = avx2::forward_pair(params, keep, chosen, pair, ws);
+      const avx2::Outcome outcome = avx2::forward_pair(params, keep, *products, pair, ws);
       if (outcome == avx2::Outcome::kNeedsPortable) scalar::forward_one_pair(params, pair);
       return outcome != avx2::Outcome::kNoMemory;
     });
@@ -198,10 +193,9 @@ void forward(const ForwardParams& params) {
 void backward(const BackwardParams& params) {
   validate(params);
 #if defined(BSPF_HAVE_AVX2)
-  if (use_avx2(params.p.dtype)) {
-    const avx2::Products& chosen = products();
+  if (const avx2::Products* products = vector_products(params.p.dtype)) {
     return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
-      const avx2::Outcome outcome = avx2::backward_pair(params, chosen, pair, ws);
+      const avx2::Outcome outcome = avx2::backward_pair(params, *products, pair, ws);
       if (outcome == avx2::Outcome::kNeedsPortable) scalar::backward_one_pair(params, pair);
       return outcome != avx2::Outcome::kNoMemory;
     });
