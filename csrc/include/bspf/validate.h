@@ -54,6 +54,12 @@ inline int64_t product(int64_t a, int64_t b, const char* what) {
   return out;
 }
 
+// A NaN keep ratio fails too.
+inline void require_keep_ratio(double keep_ratio) {
+  if (!(keep_ratio >= 0.0 && keep_ratio <= 1.0))
+    fail("keep_ratio must be in [0, 1], got " + std::to_string(keep_ratio));
+}
+
 }  // namespace validation
 
 // Whether the problem is empty (nothing to compute, no pointer is read).
@@ -82,7 +88,7 @@ inline void validate(const Problem& p) {
 inline void validate(const ForwardParams& fp, Entry entry) {
   using namespace validation;
   validate(fp.p);
-  if (!(fp.keep_ratio >= 0.0 && fp.keep_ratio <= 1.0)) fail("keep_ratio must be in [0, 1], got " + std::to_string(fp.keep_ratio));
+  require_keep_ratio(fp.keep_ratio);
   require_at_least(fp.num_threads, 0, "num_threads");
   require_strides(fp.qk_stride, "qk_stride");
   require_strides(fp.v_stride, "v_stride");
@@ -121,7 +127,7 @@ inline void validate(const BackwardParams& bp) {
 inline void validate(const ScoreKernelGradParams& sp) {
   using namespace validation;
   validate(sp.p);
-  if (!(sp.keep_ratio >= 0.0 && sp.keep_ratio <= 1.0)) fail("keep_ratio must be in [0, 1], got " + std::to_string(sp.keep_ratio));
+  require_keep_ratio(sp.keep_ratio);
   require_at_least(sp.num_threads, 0, "num_threads");
   require_strides(sp.grad_out_stride, "grad_out_stride");
   require_strides(sp.qk_stride, "qk_stride");
