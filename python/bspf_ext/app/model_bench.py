@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import platform
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -198,17 +199,24 @@ def machine() -> dict:
     return info
 
 
-def run(model: str, batches: Sequence[int], out, *, threads: Optional[int] = None, **options) -> dict:
-    """benchmark_models (with `threads` CPU threads, default torch's), then results.json,
-    table.md and throughput.png in `out`."""
+@contextmanager
+def cpu_threads(threads: Optional[int]):
+    """torch's CPU thread count set to `threads` (None: left as it is) inside, restored after."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        rows = benchmark_models(model, batches, **options)
-        info = machine()
+        yield
     finally:
         torch.set_num_threads(previous)
+
+
+def run(model: str, batches: Sequence[int], out, *, threads: Optional[int] = None, **options) -> dict:
+    """benchmark_models (with `threads` CPU threads, default torch's), then results.json,
+    table.md and throughput.png in `out`."""
+    with cpu_threads(threads):
+        rows = benchmark_models(model, batches, **options)
+        info = machine()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "options": {"model": model, "batches": list(batches), **options}, "rows": rows}

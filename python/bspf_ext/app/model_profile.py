@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .model_bench import VARIANTS, _check_model_name, _parse_device, build_variant, machine
+from .model_bench import VARIANTS, _check_model_name, _parse_device, build_variant, cpu_threads, machine
 
 __all__ = ["KINDS", "kind_of", "profile_models", "format_profile", "run"]
 
@@ -90,14 +90,9 @@ def format_profile(profile: dict) -> str:
 def run(model: str, batch: int, out, *, threads: Optional[int] = None, **options) -> dict:
     """profile_models (with `threads` CPU threads, default torch's), then profile.json and
     profile.md in `out`."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         profile = profile_models(model, batch, **options)
         info = machine()
-    finally:
-        torch.set_num_threads(previous)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "options": {"model": model, "batch": batch, **options}, "ms_per_forward": profile}
