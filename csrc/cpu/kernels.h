@@ -50,11 +50,22 @@ struct BlockScores {
   double mean, deviation;
 };
 
+// The chunks of a row as the fusion reads them (SPEC §3.1, §3.6): chunk c is the columns
+// [c · omega, c · omega + size), size = omega except for the last of `chunks`, which is
+// `last` wide; similarity_full[p] and similarity_last[p] are H = 1 − p / size for a
+// popcount p of a full and of the last chunk.
+struct ChunkGrid {
+  int64_t omega, chunks, last;
+  const float* similarity_full;
+  const float* similarity_last;
+};
+
 // The path's stages whose speed is set by the vector width: the dense GEMM (logits, and
-// the backward's products), the sparse row products (A·V over kept entries, dV) and the
-// scoring of an upper block. kProducts computes them 8 lanes wide; avx512::kProducts 16
-// lanes wide, on CPUs with AVX-512F (dispatch.cpp chooses). Their contracts are in
-// avx2/gemm.h and avx2/selection.h.
+// the backward's products), the sparse row products (A·V over kept entries, dV), the
+// scoring of an upper block, and the forward's row work (exps, row sums, fusion).
+// kProducts computes them 8 lanes wide; avx512::kProducts 16 lanes wide, on CPUs with
+// AVX-512F (dispatch.cpp chooses). Their contracts are in avx2/gemm.h, avx2/selection.h and
+// avx2/softmax_fusion.h.
 struct Products {
   void (*gemm)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
                int64_t rows, int64_t cols, float alpha, bool upper);
@@ -63,6 +74,10 @@ struct Products {
                       float* out, int64_t ldo);
   BlockScores (*score_block)(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
                              float* tile, int32_t* keys);
+  void (*upper_exps)(float* square, int64_t ld, int64_t n, float shift);
+  void (*row_sums)(const float* row, int64_t ld, const uint64_t* bitmap, float* total, float* kept);
+  float (*fuse_row)(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
+                    float* target);
 };
 extern const Products kProducts;
 

@@ -37,7 +37,7 @@ bool reserve_forward(const Geometry& g, Workspace& ws) {
          ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
 }
 
-const Products kProducts = {gemm, sparse_rows, score_block};
+const Products kProducts = {gemm, sparse_rows, score_block, upper_exps, row_sums, fuse_row};
 
 Workspace* create_workspace() { return new (std::nothrow) Workspace(); }
 
@@ -90,12 +90,12 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   // over the kept entries only.
   float* exps = ws.logits.data;
   const float shift = logit_bound(g, exps);
-  shifted_exps(g, shift, exps);
+  shifted_exps(g, products, shift, exps);
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
-    if (!chunk_forward_rows(g, m, ws.x.data, ws.xt.data, static_cast<float>(fp.p.scale), shift, exps, words, match, rho,
-                            fp.p.fuse, ws.bitmap.data, lse + r0, log_row_sum + r0, alpha))
+    if (!chunk_forward_rows(g, products, m, ws.x.data, ws.xt.data, static_cast<float>(fp.p.scale), shift, exps, words,
+                            match, rho, fp.p.fuse, ws.bitmap.data, lse + r0, log_row_sum + r0, alpha))
       return Outcome::kNeedsPortable;
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
     float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;

@@ -41,31 +41,15 @@ float row_shifted_exps(const Geometry& g, const float* x, const float* xt, float
   return row_max;
 }
 
-// Row i moves share · H · source(j) to row b(i) on the columns j it prunes and b(i) keeps
-// (SPEC §3.7; its own chunk is kept by both rows, so it never moves), one column chunk at
-// a time (H is constant per chunk), 8 columns per step under the chunk's moved bits.
-// Returns the sum added to `target`.
-//
-// A chunk's last vector reaches past it (into the next chunk, the padding, or for a short
-// last chunk the next row's first columns) with its bits 0 there, so it adds +0 to
-// values ≥ 0 and changes nothing; rows have a vector of slack at the square's end.
-float fuse_row(const Geometry& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
-               float* target) {
-  __m256 added = _mm256_setzero_ps();
-  const int64_t chunks = g.chunks;
-  for (int64_t c = 0; c < chunks; ++c) {
-    uint64_t moved = ~wi[c] & wp[c];
-    if (!moved) continue;  // its own chunk, and any other whose moved set is empty
-    const __m256 h = _mm256_set1_ps(share * g.similarity(c, __builtin_popcountll(wi[c] ^ wp[c])));
-    const int64_t begin = g.begin(c), size = g.size(c);
-    for (int64_t j = 0; j < size; j += kLanes, moved >>= 8) {  // a fixed count: predictable
-      const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
-                                         _mm256_mul_ps(h, _mm256_loadu_ps(source + begin + j)));
-      _mm256_storeu_ps(target + begin + j, _mm256_add_ps(_mm256_loadu_ps(target + begin + j), value));
-      added = _mm256_add_ps(added, value);
-    }
+// out[r] = ln values[r] for r in [0, count), count ≤ 64, 8 rows at a time (one logf call per
+// row was a fifth of the forward's row sums). values: positive, normal and finite.
+void log_rows(const float* values, int64_t count, float* out) {
+  for (int64_t r = 0; r < count; r += kLanes) {
+    const __m256 lanes = lane_mask(count - r);
+    const __m256i lanes_i = _mm256_castps_si256(lanes);
+    const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(1.0f), _mm256_maskload_ps(values + r, lanes_i), lanes);
+    _mm256_maskstore_ps(out + r, lanes_i, log256(v));
   }
-  return hsum(added);
 }
 
 }  // namespace
@@ -90,33 +74,96 @@ float logit_bound(const Geometry& g, const float* logits) {
   return bound;
 }
 
-void shifted_exps(const Geometry& g, float shift, float* square) {
+void upper_exps(float* square, int64_t ld, int64_t n, float shift) {
   const __m256 vshift = _mm256_set1_ps(shift);
-  for (int64_t i = 0; i < g.ld; ++i) {
-    const float* l = square + i * g.ld;
-    float* e = square + i * g.ld;
-    for (int64_t j = i & ~int64_t{7}; j < g.ld; j += kLanes) {
+  for (int64_t i = 0; i < ld; ++i) {
+    float* e = square + i * ld;
+    for (int64_t j = i & ~int64_t{7}; j < ld; j += kLanes) {
       __m256 v = _mm256_setzero_ps();
-      if (i < g.n) {
-        v = exp256(_mm256_sub_ps(_mm256_loadu_ps(l + j), vshift));
-        if (j + kLanes > g.n) v = _mm256_and_ps(v, lane_mask(g.n - j));
+      if (i < n) {
+        v = exp256(_mm256_sub_ps(_mm256_loadu_ps(e + j), vshift));
+        if (j + kLanes > n) v = _mm256_and_ps(v, lane_mask(n - j));
       }
       _mm256_storeu_ps(e + j, v);
     }
   }
+}
+
+void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total, float* kept) {
+  // Two vectors per step into two accumulators each: one chain of adds would wait on the
+  // add latency.
+  __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0, kept0 = sum0, kept1 = sum0;
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= ld; j += 2 * kLanes) {
+    const uint32_t bits = static_cast<uint32_t>(bitmap[j / 64] >> (j % 64));
+    const __m256 e0 = _mm256_loadu_ps(row + j), e1 = _mm256_loadu_ps(row + j + kLanes);
+    sum0 = _mm256_add_ps(sum0, e0);
+    sum1 = _mm256_add_ps(sum1, e1);
+    kept0 = _mm256_add_ps(kept0, _mm256_and_ps(expand_bits(bits & 0xFFu), e0));
+    kept1 = _mm256_add_ps(kept1, _mm256_and_ps(expand_bits(bits >> 8 & 0xFFu), e1));
+  }
+  if (j < ld) {
+    const __m256 e = _mm256_loadu_ps(row + j);
+    sum0 = _mm256_add_ps(sum0, e);
+    kept0 = _mm256_add_ps(kept0, _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), e));
+  }
+  *total = hsum(_mm256_add_ps(sum0, sum1));
+  *kept = hsum(_mm256_add_ps(kept0, kept1));
+}
+
+// One column chunk at a time (H is constant per chunk), 8 columns per step under the
+// chunk's moved bits. A chunk with nothing to move is not skipped: which ones are empty
+// depends on the data, and the mispredicted branch cost more than adding +0 (a third of
+// the fusion's time at the target shape).
+//
+// A chunk's last vector reaches past it (into the next chunk, the padding, or for a short
+// last chunk the next row's first columns) with its bits 0 there, so it adds +0 to
+// values ≥ 0 and changes nothing; rows have a vector of slack at the square's end.
+float fuse_row(const ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
+               float* target) {
+  __m256 added = _mm256_setzero_ps();
+  const int64_t chunks = g.chunks;
+  for (int64_t c = 0; c < chunks; ++c) {
+    uint64_t moved = ~wi[c] & wp[c];
+    const bool last = c == chunks - 1;
+    const float* similarity = last ? g.similarity_last : g.similarity_full;
+    const __m256 h = _mm256_set1_ps(share * similarity[__builtin_popcountll(wi[c] ^ wp[c])]);
+    const int64_t begin = c * g.omega, size = last ? g.last : g.omega;
+    for (int64_t j = 0; j < size; j += kLanes, moved >>= 8) {  // a fixed count: predictable
+      const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
+                                         _mm256_mul_ps(h, _mm256_loadu_ps(source + begin + j)));
+      _mm256_storeu_ps(target + begin + j, _mm256_add_ps(_mm256_loadu_ps(target + begin + j), value));
+      added = _mm256_add_ps(added, value);
+    }
+  }
+  return hsum(added);
+}
+
+void shifted_exps(const Geometry& g, const Products& products, float shift, float* square) {
+  products.upper_exps(square, g.ld, g.n, shift);
   for (int64_t i = 8; i < g.ld; i += 8)
     for (int64_t j = 0; j < i; j += 8) transpose8(square + j * g.ld + i, g.ld, square + i * g.ld + j, g.ld);
 }
 
 void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) {
-  const int64_t count = g.ld / 64 + 1;
-  for (int64_t w = 0; w < count; ++w) bitmap[w] = 0;
+  // The words are filled in registers and stored once each: or-ing into memory chunk by
+  // chunk made every chunk wait on the previous one's store.
+  const int64_t count = bitmap_words(g);
+  uint64_t word = 0, next = 0;  // bitmap[w], and what spills into bitmap[w + 1]
+  int64_t w = 0;
   for (int64_t c = 0; c < g.chunks; ++c) {
     const int64_t at = g.begin(c), shift = at % 64;
-    const uint64_t word = row_words[c];
-    bitmap[at / 64] |= word << shift;
-    if (shift + g.size(c) > 64) bitmap[at / 64 + 1] |= word >> (64 - shift);
+    if (at / 64 > w) {  // at most one word on: a chunk is at most 64 wide
+      bitmap[w++] = word;
+      word = next;
+      next = 0;
+    }
+    const uint64_t bits = row_words[c];
+    word |= bits << shift;
+    if (shift + g.size(c) > 64) next |= bits >> (64 - shift);
   }
+  bitmap[w++] = word;
+  for (; w < count; ++w, next = 0) bitmap[w] = next;
 }
 
 void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint64_t* words, const int32_t* match,
@@ -143,57 +190,41 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint6
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r, target_row = match[i] - r0;
     if (target_row == r || !(rho[i] > 0.0f)) continue;
-    row_sum[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, rho[i], probs + i * g.ld,
-                                    weights + target_row * g.ld);
+    row_sum[target_row] += fuse_row(g.grid(), words + i * g.chunks, words + match[i] * g.chunks, rho[i],
+                                    probs + i * g.ld, weights + target_row * g.ld);
   }
 }
 
-bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, const float* xt, float scale, float shift,
-                        float* exps, const uint64_t* words, const int32_t* match, const float* rho, bool fuse,
-                        uint64_t* bitmaps, float* lse, float* log_row_sum, float* alpha) {
+bool chunk_forward_rows(const Geometry& g, const Products& products, int64_t m, const float* x, const float* xt,
+                        float scale, float shift, float* exps, const uint64_t* words, const int32_t* match,
+                        const float* rho, bool fuse, uint64_t* bitmaps, float* lse, float* log_row_sum, float* alpha) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
-  float total[64], log_total[64], kept[64], lost[64];
+  float total[64], log_total[64], kept[64], log_kept[64], lost[64], row_shift[64];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
     uint64_t* bitmap = bitmaps + r * bw;
     row_bitmap(g, words + i * g.chunks, bitmap);
     float* row = exps + i * g.ld;
-    float row_shift = shift;
+    row_shift[r] = shift;
     for (int attempt = 0; attempt < 2; ++attempt) {
-      // Two vectors per step into two accumulators each: one chain of adds would wait on
-      // the add latency.
-      __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0, kept0 = sum0, kept1 = sum0;
-      int64_t j = 0;
-      for (; j + 2 * kLanes <= g.ld; j += 2 * kLanes) {
-        const uint32_t bits = static_cast<uint32_t>(bitmap[j / 64] >> (j % 64));
-        const __m256 e0 = _mm256_loadu_ps(row + j), e1 = _mm256_loadu_ps(row + j + kLanes);
-        sum0 = _mm256_add_ps(sum0, e0);
-        sum1 = _mm256_add_ps(sum1, e1);
-        kept0 = _mm256_add_ps(kept0, _mm256_and_ps(expand_bits(bits & 0xFFu), e0));
-        kept1 = _mm256_add_ps(kept1, _mm256_and_ps(expand_bits(bits >> 8 & 0xFFu), e1));
-      }
-      if (j < g.ld) {
-        const __m256 e = _mm256_loadu_ps(row + j);
-        sum0 = _mm256_add_ps(sum0, e);
-        kept0 = _mm256_add_ps(kept0, _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), e));
-      }
-      total[r] = hsum(_mm256_add_ps(sum0, sum1));
-      kept[r] = hsum(_mm256_add_ps(kept0, kept1));
+      products.row_sums(row, g.ld, bitmap, &total[r], &kept[r]);
       if (total[r] >= kSmallestSum && total[r] <= __FLT_MAX__) break;
-      row_shift = row_shifted_exps(g, x, xt, scale, i, row);
+      row_shift[r] = row_shifted_exps(g, x, xt, scale, i, row);
     }
-    log_total[r] = __builtin_logf(total[r]);
-    lse[r] = row_shift + log_total[r];
+    if (!(total[r] >= kSmallestSum && total[r] <= __FLT_MAX__)) return false;  // not finite: X is not
     lost[r] = 1.0f;
   }
+  log_rows(total, rows, log_total);
+  for (int64_t r = 0; r < rows; ++r) lse[r] = row_shift[r] + log_total[r];
   if (fuse) {
+    const ChunkGrid grid = g.grid();
     // In place: a row's fused-into entries are ones it keeps, its fused-out entries ones it prunes.
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = r0 + r, target_row = match[i] - r0;
       if (target_row == r || !(rho[i] > 0.0f)) continue;
       const float share = rho[i] * (total[target_row] / total[r]);
-      kept[target_row] += fuse_row(g, words + i * g.chunks, words + match[i] * g.chunks, share, exps + i * g.ld,
-                                   exps + match[i] * g.ld);
+      kept[target_row] += products.fuse_row(grid, words + i * g.chunks, words + match[i] * g.chunks, share,
+                                            exps + i * g.ld, exps + match[i] * g.ld);
       lost[target_row] += share;
     }
   }
@@ -205,7 +236,10 @@ bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, const floa
     // this path is not exact enough.
     if (!(kept[r] * kResolution >= lost[r] * static_cast<float>(g.n) * __FLT_MIN__) || !(kept[r] <= __FLT_MAX__))
       return false;
-    log_row_sum[r] = __builtin_logf(kept[r]) - log_total[r];
+  }
+  log_rows(kept, rows, log_kept);
+  for (int64_t r = 0; r < rows; ++r) {
+    log_row_sum[r] = log_kept[r] - log_total[r];
     // The backward hands such a pair to the portable path, which recomputes the logits in
     // its own order: the forward goes there too, so lse and the logits agree.
     if (!(log_row_sum[r] >= kSmallestLogRowSum)) return false;

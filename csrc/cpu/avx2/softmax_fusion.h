@@ -30,7 +30,22 @@ float logit_bound(const Geometry& g, const float* logits);
 // for every row E is symmetric like L: only the upper 8×8 tiles are exponentiated (all
 // that is read of L), the lower ones mirrored, so half the exps of a row-by-row softmax,
 // and no row maxima.
-void shifted_exps(const Geometry& g, float shift, float* square);
+void shifted_exps(const Geometry& g, const Products& products, float shift, float* square);
+
+// The row work of the forward that products hold (kernels.h), 8 lanes wide here:
+//
+// upper_exps: exp(L − shift) in place on the upper 8×8 tiles of the ld×ld square (row i from
+// column i & ~7 on), 0 in the padding rows (i ≥ n) and columns (j ≥ n).
+void upper_exps(float* square, int64_t ld, int64_t n, float shift);
+// row_sums: Σ_j row[j] into *total, and the same sum over the columns set in `bitmap` into
+// *kept, j in [0, ld).
+void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total, float* kept);
+// fuse_row: row i moves share · H · source(j) to row b(i) (`target`) on the columns j it
+// prunes and b(i) keeps (SPEC §3.7; its own chunk is kept by both rows, so it never moves),
+// its mask words `wi` and b(i)'s `wp`, one per chunk. Returns the sum added to `target`.
+// source and target may be read up to a vector past a chunk (rows have that slack).
+float fuse_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
+               float* target);
 
 // A row's mask words as one bit per column, so that 8 columns are one byte.
 void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap);
@@ -76,9 +91,9 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint6
 // Returns false when some row cannot be trusted in float32 this way (see kResolution), or
 // its log Z is below kSmallestLogRowSum (the backward's limit), and the pair must go to
 // the portable path, which works in log space.
-bool chunk_forward_rows(const Geometry& g, int64_t m, const float* x, const float* xt, float scale, float shift,
-                        float* exps, const uint64_t* words, const int32_t* match, const float* rho, bool fuse,
-                        uint64_t* bitmaps, float* lse, float* log_row_sum, float* alpha);
+bool chunk_forward_rows(const Geometry& g, const Products& products, int64_t m, const float* x, const float* xt,
+                        float scale, float shift, float* exps, const uint64_t* words, const int32_t* match,
+                        const float* rho, bool fuse, uint64_t* bitmaps, float* lse, float* log_row_sum, float* alpha);
 
 // Zeroes the pruned entries of rows of chunk m of E (their masks in `bitmaps`).
 void zero_pruned(const Geometry& g, int64_t m, const uint64_t* bitmaps, float* exps);

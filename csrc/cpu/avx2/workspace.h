@@ -36,6 +36,7 @@ struct Geometry {
   float similarity(int64_t c, int popcount) const {
     return c == chunks - 1 ? similarity_last[popcount] : similarity_full[popcount];
   }
+  ChunkGrid grid() const { return {omega, chunks, last, similarity_full, similarity_last}; }
   int64_t square() const { return ld * ld + kLanes; }  // + slack: the score tiles read a vector past a row
 };
 

@@ -309,8 +309,90 @@ avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int6
   return scores;
 }
 
+// avx2::exp256 16 lanes wide: the same operations, so the same values bit for bit.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.0f));
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 n = _mm512_sub_ps(t, magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.357120811007917e-3f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.372687734663486e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.167356714606285e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666479408740997e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.9999967217445374e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+// avx2::upper_exps (softmax_fusion.h) 16 lanes wide, the same tiles: row i from column
+// i & ~7 to ld (a multiple of 8, so a row's last vector may be half of one).
+void upper_exps(float* square, int64_t ld, int64_t n, float shift) {
+  const __m512 vshift = _mm512_set1_ps(shift), zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < ld; ++i) {
+    float* e = square + i * ld;
+    for (int64_t j = i & ~int64_t{7}; j < ld; j += kLanes) {
+      const __mmask16 part = lanes_below(ld - j);
+      __m512 v = zero;
+      if (i < n)
+        v = _mm512_maskz_mov_ps(lanes_below(n - j), exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(part, e + j), vshift)));
+      _mm512_mask_storeu_ps(e + j, part, v);
+    }
+  }
+}
+
+// avx2::row_sums 16 lanes wide: the mask bits are the lanes' write mask.
+void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total, float* kept) {
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0, kept0 = sum0, kept1 = sum0;
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= ld; j += 2 * kLanes) {
+    const uint32_t bits = static_cast<uint32_t>(bitmap[j / 64] >> (j % 64));
+    const __m512 e0 = _mm512_loadu_ps(row + j), e1 = _mm512_loadu_ps(row + j + kLanes);
+    sum0 = _mm512_add_ps(sum0, e0);
+    sum1 = _mm512_add_ps(sum1, e1);
+    kept0 = _mm512_mask_add_ps(kept0, static_cast<__mmask16>(bits), kept0, e0);
+    kept1 = _mm512_mask_add_ps(kept1, static_cast<__mmask16>(bits >> 16), kept1, e1);
+  }
+  for (; j < ld; j += kLanes) {
+    const __mmask16 part = lanes_below(ld - j);
+    const __m512 e = _mm512_maskz_loadu_ps(part, row + j);
+    sum0 = _mm512_add_ps(sum0, e);
+    kept0 = _mm512_mask_add_ps(kept0, static_cast<__mmask16>(bitmap[j / 64] >> (j % 64)) & part, kept0, e);
+  }
+  *total = _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+  *kept = _mm512_reduce_add_ps(_mm512_add_ps(kept0, kept1));
+}
+
+// avx2::fuse_row 16 lanes wide: a chunk of up to 16 columns is one vector under its moved
+// bits, read and written under them (nothing past the chunk is touched). Like it, no branch
+// skips a chunk with nothing to move.
+float fuse_row(const avx2::ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
+               float* target) {
+  __m512 added = _mm512_setzero_ps(), added_before = added;  // two chains of adds
+  const int64_t chunks = g.chunks;
+  for (int64_t c = 0; c < chunks; ++c) {
+    uint64_t moved = ~wi[c] & wp[c];
+    const bool last = c == chunks - 1;
+    const float* similarity = last ? g.similarity_last : g.similarity_full;
+    const __m512 h = _mm512_set1_ps(share * similarity[__builtin_popcountll(wi[c] ^ wp[c])]);
+    const int64_t begin = c * g.omega, size = last ? g.last : g.omega;
+    for (int64_t j = 0; j < size; j += kLanes, moved >>= kLanes) {
+      const __mmask16 bits = static_cast<__mmask16>(moved);
+      float* t = target + begin + j;
+      const __m512 value = _mm512_maskz_mul_ps(bits, h, _mm512_maskz_loadu_ps(bits, source + begin + j));
+      _mm512_mask_storeu_ps(t, bits, _mm512_add_ps(_mm512_maskz_loadu_ps(bits, t), value));
+      const __m512 sum = _mm512_add_ps(added_before, value);
+      added_before = added;
+      added = sum;
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(added, added_before));
+}
+
 }  // namespace
 
-const avx2::Products kProducts = {gemm, sparse_rows, score_block};
+const avx2::Products kProducts = {gemm, sparse_rows, score_block, upper_exps, row_sums, fuse_row};
 
 }  // namespace bspf::cpu::avx512
