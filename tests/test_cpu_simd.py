@@ -239,6 +239,19 @@ def test_exact_scores_give_identical_masks_ties_included(capability, vector_path
     torch.testing.assert_close(results[vector_path][0], results["scalar"][0], rtol=RTOL, atol=RTOL)
 
 
+@needs_avx512
+@pytest.mark.parametrize("block_size", [4, 7, 16, 29, 64])
+def test_vector_paths_choose_the_same_mask(capability, block_size):
+    """The AVX-512 block scoring forms the AVX2 path's order keys bit for bit, and both run
+    the same search: on any input they keep the same entries (not merely near-ties apart)."""
+    qk, v = _inputs(2, 3, 197, 24, seed=block_size)
+    masks = {}
+    for path in ("avx2", "avx512"):
+        capability(path)
+        masks[path] = bspf_ext.block_mask(qk, block_size=block_size, keep_ratio=0.37)
+    assert torch.equal(masks["avx2"], masks["avx512"])
+
+
 def test_block_mask_is_the_forward_mask(vector_path):
     qk, v = _inputs(2, 3, 90, 16, seed=7)
     _, mask, *_ = _forward(qk, v, block_size=8, keep_ratio=0.45)

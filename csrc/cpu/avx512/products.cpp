@@ -254,47 +254,43 @@ inline __m512i order_key(__m512 s) {
   return _mm512_xor_si512(bits, flip);
 }
 
-// avx2::score_block 16 lanes wide (selection.h: the same tile, the same key layout, and
-// the same FMA chain per score, so the same keys bit for bit; a block row of 16 entries is
-// one vector).
+// avx2::score_block 16 lanes wide (selection.h: the same key layout, and the same FMA chain
+// per score over the same values, so the same keys bit for bit; a block row of 16 entries
+// is one vector). The logits are read where they are, under masks that give the +0 the
+// AVX2 path's zero-bordered tile holds outside the block, so `tile` is not used.
 avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
-                              float* tile, int32_t* keys) {
-  const int64_t ts = ((cols + 2 + 7) & ~int64_t{7}) + 8;  // padded tile row: zero, cols values, zeros
-  const int64_t sp = (cols + 7) & ~int64_t{7};            // key row stride
+                              float* /*tile*/, int32_t* keys) {
+  const int64_t sp = (cols + 7) & ~int64_t{7};  // key row stride
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t c = 0; c < ts; c += kLanes) {
-    _mm512_mask_storeu_ps(tile + c, lanes_below(ts - c), zero);
-    _mm512_mask_storeu_ps(tile + (rows + 1) * ts + c, lanes_below(ts - c), zero);
-  }
-  for (int64_t i = 0; i < rows; ++i) {
-    float* t = tile + (i + 1) * ts;
-    t[0] = 0.0f;
-    for (int64_t j = 0; j < cols; j += kLanes) {
-      const __mmask16 part = lanes_below(cols - j);
-      _mm512_mask_storeu_ps(t + 1 + j, part, _mm512_maskz_loadu_ps(part, block + i * ld + j));
-    }
-    _mm512_mask_storeu_ps(t + 1 + cols, lanes_below(ts - 1 - cols), zero);  // the rest of the row
-  }
-
   __m512 w[9];
   for (int e = 0; e < 9; ++e) w[e] = _mm512_set1_ps(score_kernel[e]);
   const __m512i padding = _mm512_set1_epi32(INT32_MIN);  // below every real key
   __m512i lowest = _mm512_set1_epi32(INT32_MAX), highest = padding;
   __m512 sum = zero, sum_squares = zero;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < sp; j += kLanes) {
-      __m512 s = _mm512_mul_ps(w[0], _mm512_loadu_ps(tile + i * ts + j));
-      for (int e = 1; e < 9; ++e)
-        s = _mm512_fmadd_ps(w[e], _mm512_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
-      const __mmask16 real = lanes_below(cols - j);
+  // Block columns outside, rows inside: the masks are a column's.
+  for (int64_t j = 0; j < sp; j += kLanes) {  // j < cols: sp is cols rounded up to 8
+    // Kernel column dj reads block column j + lane + dj − 1: the lanes where that is in
+    // [0, cols). Kernel rows above the first block row and below the last read nothing.
+    const __mmask16 centre = lanes_below(cols - j), right = lanes_below(cols - j - 1);
+    const __mmask16 left = static_cast<__mmask16>(lanes_below(cols - j + 1) & (j == 0 ? 0xFFFEu : 0xFFFFu));
+    const __mmask16 part[3] = {left, centre, right}, real = centre, stored = lanes_below(sp - j);
+    for (int64_t i = 0; i < rows; ++i) {
+      __m512 s = zero;
+      for (int e = 0; e < 9; ++e) {
+        const int64_t row = i + e / 3 - 1, dj = e % 3;
+        const __m512 x =
+            row < 0 || row >= rows ? zero : _mm512_maskz_loadu_ps(part[dj], block + row * ld + j + dj - 1);
+        s = e == 0 ? _mm512_mul_ps(w[0], x) : _mm512_fmadd_ps(w[e], x, s);
+      }
       const __m512i key = _mm512_mask_blend_epi32(real, padding, order_key(s));
       lowest = _mm512_mask_min_epi32(lowest, real, lowest, key);
       highest = _mm512_max_epi32(highest, key);
       s = _mm512_maskz_mov_ps(real, s);
       sum = _mm512_add_ps(sum, s);
       sum_squares = _mm512_fmadd_ps(s, s, sum_squares);
-      _mm512_mask_storeu_epi32(keys + i * sp + j, lanes_below(sp - j), key);
+      _mm512_mask_storeu_epi32(keys + i * sp + j, stored, key);
     }
+  }
   const int64_t rp = (rows + 7) & ~int64_t{7};
   for (int64_t i = rows; i < rp; ++i)
     for (int64_t j = 0; j < sp; j += kLanes) _mm512_mask_storeu_epi32(keys + i * sp + j, lanes_below(sp - j), padding);
