@@ -178,16 +178,84 @@ bool search_by_value(const int32_t* keys, int64_t count, int64_t real, const Blo
   return false;
 }
 
+// A block's kept entries in the two layouts its mask words come from: by row (bit j of
+// row[i]: entry (i, j)), and by 8-column group (byte[g][i]: bits 8g..8g+7 of row i), the
+// layout transpose_bits() reads to make the mirrored block's rows.
+struct KeptBits {
+  uint64_t row[64];
+  alignas(32) uint8_t byte[8][64];
+};
+
+// The kept entries of a searched block (§3.3): the keys above the k-th largest, and among
+// keys equal to it the first ones in row-major order.
+void kept_bits(const int32_t* keys, int64_t count, int64_t rows, int64_t cols, int64_t k, int32_t threshold,
+               int64_t at_least, KeptBits& kept) {
+  const int64_t groups = round_up8(cols) / kLanes, sp = groups * kLanes;  // sp: key row stride
+  auto mask_of = [](__m256i lanes) { return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(lanes))); };
+  if (at_least == k) {
+    // Exactly the keys ≥ threshold (> INT_MIN, so padding never counts). Each compare's
+    // mask is one byte of both layouts; the last group first, so a row word takes it with
+    // a constant shift.
+    const __m256i below = _mm256_set1_epi32(threshold - 1);
+    for (int64_t i = 0; i < rows; ++i) {
+      uint64_t bits = 0;
+      for (int64_t g = groups - 1; g >= 0; --g) {
+        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + g * kLanes));
+        const uint32_t byte = mask_of(_mm256_cmpgt_epi32(key, below));
+        kept.byte[g][i] = static_cast<uint8_t>(byte);
+        bits = bits << 8 | byte;
+      }
+      kept.row[i] = bits;
+    }
+    return;
+  }
+  // Ties at the k-th key: keys above it, then equal ones in row-major order.
+  // #(key > threshold) = #(key ≥ threshold + 1); threshold < INT_MAX since it is a real key.
+  const __m256i t = _mm256_set1_epi32(threshold);
+  int64_t need = k - count_at_least(keys, count, threshold + 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    uint64_t greater = 0, equal = 0;
+    for (int64_t g = groups - 1; g >= 0; --g) {
+      const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + g * kLanes));
+      greater = greater << 8 | mask_of(_mm256_cmpgt_epi32(key, t));
+      equal = equal << 8 | mask_of(_mm256_cmpeq_epi32(key, t));
+    }
+    for (; need > 0 && equal; --need) {
+      greater |= equal & (~equal + 1);  // lowest set bit
+      equal &= equal - 1;
+    }
+    kept.row[i] = greater;
+    for (int64_t g = 0; g < groups; ++g, greater >>= 8) kept.byte[g][i] = static_cast<uint8_t>(greater);
+  }
+}
+
+// The mirrored block's rows: bit i of col_bits[j] is entry (i, j), for j < round_up8(cols).
+// By 8-column group: one movemask takes the top bit of 32 rows' bytes at once (the group's
+// last column), and shifting every byte left by one brings the next column to the top.
+void transpose_bits(const KeptBits& kept, int64_t rows, int64_t cols, uint64_t* col_bits) {
+  const uint64_t real_rows = low_bits(rows);  // bytes past the block's rows are stale
+  for (int64_t g = 0; g * kLanes < cols; ++g) {
+    uint64_t column[8] = {};
+    for (int64_t i0 = 0; i0 < rows; i0 += 32) {
+      __m256i top = _mm256_load_si256(reinterpret_cast<const __m256i*>(&kept.byte[g][i0]));
+      for (int c = 7; c >= 0; --c) {
+        column[c] |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(top))) << i0;
+        top = _mm256_slli_epi64(top, 1);
+      }
+    }
+    for (int c = 0; c < 8; ++c) col_bits[g * kLanes + c] = column[c] & real_rows;
+  }
+}
+
 // Keeps the k best entries of one upper block (§3.3), scored by products.score_block, and
-// returns the kept bits per row in `row_bits` and per column (the mirrored block's rows) in
-// `col_bits`.
+// returns the kept bits (kept.row per row) and the mirrored block's rows in `col_bits`.
 //
 // Selection is a bisection on the order keys for the k-th largest, without sorting: the
 // kept set is every key above it plus, among keys equal to it, the first ones in
 // row-major order. It stops early once some threshold splits off exactly k entries.
 void select_block(const Geometry& g, const Products& products, const float* logits, int64_t r0, int64_t rows,
                   int64_t c0, int64_t cols, const float* score_kernel, const BlockRank& rank, Workspace& ws,
-                  uint64_t* row_bits, uint64_t* col_bits) {
+                  KeptBits& kept, uint64_t* col_bits) {
   const int64_t k = rank.k;
   const int64_t sp = round_up8(cols), rp = round_up8(rows);  // key row stride, rows with padding
   int32_t* keys = ws.keys.data;
@@ -213,45 +281,8 @@ void select_block(const Geometry& g, const Products& products, const float* logi
     }
     threshold = static_cast<int32_t>(u ^ 0x80000000u);
   }
-  if (at_least == k) {
-    // Exactly the keys ≥ threshold (> INT_MIN, so padding never counts). The mirror's
-    // bits come from the same test on the transposed keys.
-    const __m256i below = _mm256_set1_epi32(threshold - 1);
-    auto bits_of = [&](const int32_t* row, int64_t width) {
-      uint64_t bits = 0;
-      for (int64_t j = 0; j < width; j += kLanes) {
-        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
-        bits |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, below)))) << j;
-      }
-      return bits;
-    };
-    for (int64_t i = 0; i < rows; ++i) row_bits[i] = bits_of(keys + i * sp, sp);
-    int32_t* keys_t = keys + 64 * 64;
-    const float* kf = reinterpret_cast<const float*>(keys);
-    transpose(kf, sp, rp, sp, reinterpret_cast<float*>(keys_t), rp);
-    for (int64_t j = 0; j < cols; ++j) col_bits[j] = bits_of(keys_t + j * rp, rp);
-    return;
-  }
-  // Ties at the k-th key: keys above it, then equal ones in row-major order.
-  // #(key > threshold) = #(key ≥ threshold + 1); threshold < INT_MAX since it is a real key.
-  const __m256i t = _mm256_set1_epi32(threshold);
-  int64_t need = k - count_at_least(keys, count, threshold + 1);
-  for (int64_t i = 0; i < rows; ++i) {
-    uint64_t greater = 0, equal = 0;
-    for (int64_t j = 0; j < sp; j += kLanes) {
-      const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + j));
-      greater |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, t)))) << j;
-      equal |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, t)))) << j;
-    }
-    for (; need > 0 && equal; --need) {
-      greater |= equal & (~equal + 1);  // lowest set bit
-      equal &= equal - 1;
-    }
-    row_bits[i] = greater;
-  }
-  for (int64_t j = 0; j < cols; ++j) col_bits[j] = 0;
-  for (int64_t i = 0; i < rows; ++i)
-    for (uint64_t b = row_bits[i]; b; b &= b - 1) col_bits[__builtin_ctzll(b)] |= uint64_t{1} << i;
+  kept_bits(keys, count, rows, cols, k, threshold, at_least, kept);
+  transpose_bits(kept, rows, cols, col_bits);
 }
 
 }  // namespace
@@ -318,7 +349,8 @@ void compute_mask_words(const Geometry& g, const Products& products, const float
   std::memset(words, 0, sizeof(uint64_t) * g.n * C);
   for (int64_t m = 0; m < C; ++m)
     for (int64_t i = g.begin(m); i < g.begin(m) + g.size(m); ++i) words[i * C + m] = low_bits(g.size(m));
-  uint64_t row_bits[64], col_bits[64];
+  KeptBits kept;
+  uint64_t col_bits[64];
   // Upper blocks have full rows; their columns are full or the last chunk.
   const BlockRank full = block_rank(keep.full, g.omega * g.omega), tail = block_rank(keep.tail, g.omega * g.last);
   for (int64_t m = 0; m + 1 < C; ++m) {
@@ -328,12 +360,12 @@ void compute_mask_words(const Geometry& g, const Products& products, const float
       const BlockRank& rank = bn == C - 1 ? tail : full;
       if (rank.k <= 0) continue;
       if (rank.k >= rows * cols) {
-        for (int64_t i = 0; i < rows; ++i) row_bits[i] = low_bits(cols);
+        for (int64_t i = 0; i < rows; ++i) kept.row[i] = low_bits(cols);
         for (int64_t j = 0; j < cols; ++j) col_bits[j] = low_bits(rows);
       } else {
-        select_block(g, products, logits, r0, rows, c0, cols, score_kernel, rank, ws, row_bits, col_bits);
+        select_block(g, products, logits, r0, rows, c0, cols, score_kernel, rank, ws, kept, col_bits);
       }
-      for (int64_t i = 0; i < rows; ++i) words[(r0 + i) * C + bn] = row_bits[i];
+      for (int64_t i = 0; i < rows; ++i) words[(r0 + i) * C + bn] = kept.row[i];
       for (int64_t j = 0; j < cols; ++j) words[(c0 + j) * C + m] = col_bits[j];
     }
   }
