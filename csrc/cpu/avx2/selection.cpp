@@ -19,21 +19,22 @@ inline __m256i order_key(__m256 s) {
   return _mm256_xor_si256(bits, flip);
 }
 
-// How many of `count` keys are ≥ threshold.
+// How many of `count` keys are ≥ threshold; count is a multiple of 64 (a block's keys are
+// round_up8(rows) × round_up8(cols)). A search is a chain of these passes, so they are kept
+// short: per 8 keys one compare (with its load) and one add of its mask (-1 for each key
+// below the threshold). The masks of 64 keys are summed in a tree into one accumulator:
+// GCC copies a loop's vector accumulators once per iteration, one copy per 64 keys.
 inline int64_t count_at_least(const int32_t* keys, int64_t count, int32_t threshold) {
   const __m256i t = _mm256_set1_epi32(threshold);
-  __m256i below0 = _mm256_setzero_si256(), below1 = _mm256_setzero_si256();
-  int64_t e = 0;
-  for (; e + 16 <= count; e += 16) {
-    const __m256i k0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e));
-    const __m256i k1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e + 8));
-    below0 = _mm256_sub_epi32(below0, _mm256_cmpgt_epi32(t, k0));
-    below1 = _mm256_sub_epi32(below1, _mm256_cmpgt_epi32(t, k1));
-  }
-  if (e < count)
-    below0 = _mm256_sub_epi32(
-        below0, _mm256_cmpgt_epi32(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e))));
-  return count - hsum_epi32(_mm256_add_epi32(below0, below1));
+  auto below8 = [&](int64_t e) {
+    return _mm256_cmpgt_epi32(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e)));
+  };
+  auto below16 = [&](int64_t e) { return _mm256_add_epi32(below8(e), below8(e + 8)); };
+  auto below32 = [&](int64_t e) { return _mm256_add_epi32(below16(e), below16(e + 16)); };
+  __m256i minus = _mm256_setzero_si256();
+  for (int64_t e = 0; e < count; e += 64)
+    minus = _mm256_add_epi32(minus, _mm256_add_epi32(below32(e), below32(e + 32)));
+  return count + hsum_epi32(minus);
 }
 
 inline int32_t hmin_epi32(__m256i v) {
