@@ -33,7 +33,7 @@ namespace bspf::cpu::avx2 {
 bool reserve_forward(const Geometry& g, Workspace& ws) {
   return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
          ws.logits.reserve(g.square()) &&
-         ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(2 * 64 * 64) &&
+         ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(kSelectionKeys) &&
          ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
 }
 

@@ -1,4 +1,8 @@
-// The AVX2 path's keep mask (selection.h).
+// The AVX2 path's keep mask (selection.h), also the AVX-512 path's (which only scores
+// blocks 16 lanes wide). Per upper block: scores as order keys, a search for the k-th
+// largest key by counting keys at or above probe thresholds, and the kept bits by row and,
+// transposed, by column for the mirrored block. The searches of a row chunk's blocks run
+// side by side (run_searches).
 #include "selection.h"
 
 #include <immintrin.h>
@@ -19,21 +23,22 @@ inline __m256i order_key(__m256 s) {
   return _mm256_xor_si256(bits, flip);
 }
 
-// How many of `count` keys are ≥ threshold.
+// How many of `count` keys are ≥ threshold; count is a multiple of 64 (a block's keys are
+// round_up8(rows) × round_up8(cols)). A search is a chain of these passes, so they are kept
+// short: per 8 keys one compare (with its load) and one add of its mask (-1 for each key
+// below the threshold). The masks of 64 keys are summed in a tree into one accumulator:
+// GCC copies a loop's vector accumulators once per iteration, one copy per 64 keys.
 inline int64_t count_at_least(const int32_t* keys, int64_t count, int32_t threshold) {
   const __m256i t = _mm256_set1_epi32(threshold);
-  __m256i below0 = _mm256_setzero_si256(), below1 = _mm256_setzero_si256();
-  int64_t e = 0;
-  for (; e + 16 <= count; e += 16) {
-    const __m256i k0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e));
-    const __m256i k1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e + 8));
-    below0 = _mm256_sub_epi32(below0, _mm256_cmpgt_epi32(t, k0));
-    below1 = _mm256_sub_epi32(below1, _mm256_cmpgt_epi32(t, k1));
-  }
-  if (e < count)
-    below0 = _mm256_sub_epi32(
-        below0, _mm256_cmpgt_epi32(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e))));
-  return count - hsum_epi32(_mm256_add_epi32(below0, below1));
+  auto below8 = [&](int64_t e) {
+    return _mm256_cmpgt_epi32(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + e)));
+  };
+  auto below16 = [&](int64_t e) { return _mm256_add_epi32(below8(e), below8(e + 8)); };
+  auto below32 = [&](int64_t e) { return _mm256_add_epi32(below16(e), below16(e + 16)); };
+  __m256i minus = _mm256_setzero_si256();
+  for (int64_t e = 0; e < count; e += 64)
+    minus = _mm256_add_epi32(minus, _mm256_add_epi32(below32(e), below32(e + 32)));
+  return count + hsum_epi32(minus);
 }
 
 inline int32_t hmin_epi32(__m256i v) {
@@ -90,7 +95,7 @@ double normal_quantile_of_rank(int64_t k, int64_t n) {
          (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0);
 }
 
-// The keep rule's k of a block and where its k-th score is expected (see select_block).
+// The keep rule's k of a block and where its k-th score is expected (see Search).
 struct BlockRank {
   int64_t k = 0;
   double z = 0.0;        // normal_quantile_of_rank(k, block entries)
@@ -107,151 +112,320 @@ BlockRank block_rank(int64_t k, int64_t entries) {
   return rank;
 }
 
-// Looks for the k-th largest of `real` keys (the others are padding) by searching the
-// score values between the smallest and largest key. Scores are smooth and roughly bell
+// The threshold search of one block: the k-th largest of its `real` keys (the others,
+// INT_MIN, are padding), found by counting keys at or above probe thresholds, without
+// sorting.
+//
+// First by value, between the smallest and largest key. Scores are smooth and roughly bell
 // shaped, so the first probe is where a normal distribution of their mean and standard
 // deviation puts the k-th largest, the second a Newton step on that model's count; after
 // that, interpolation on the counts within the bracket found so far, with a bisection
 // whenever an interpolation step fails to halve the bracket. Six passes over the keys on
 // average land between the k-th and the (k+1)-th at the target shape (eight from the
-// bracket [min, max] alone); the bisections bound the bad cases.
+// bracket [min, max] alone). When a score is not finite, or after kValueProbes probes, a
+// bisection on the key bits takes over, which bounds the bad cases: in unsigned key space
+// (u = key ^ 2^31), the largest u with ≥ k keys at or above it.
 //
-// On success *threshold is either a key with exactly k keys at or above it (*at_least =
-// k), or the k-th largest key itself (ties at it; *at_least > k). Returns false, to fall
-// back on the bisection over key bits, when a score is not finite or the search runs long.
-bool search_by_value(const int32_t* keys, int64_t count, int64_t real, const BlockRank& rank, double mean,
-                     double deviation, int32_t lowest_key, int32_t highest_key, int32_t* threshold,
-                     int64_t* at_least) {
-  const int64_t k = rank.k;
-  const float lowest = value_of(lowest_key), highest = value_of(highest_key);
-  const float inf = __builtin_inff();
-  if (!(lowest > -inf && highest < inf)) return false;  // also NaN, which ranks as -inf
-  if (real <= k) return false;
-  double lo = lowest, hi = highest;  // count(≥ lo) = c_lo ≥ k; count(≥ hi) = c_hi, < k unless lo = hi
-  int64_t c_lo = real, c_hi = count_at_least(keys, count, highest_key);
-  if (c_hi >= k) {  // the maximum itself is the k-th largest (ties at the top)
-    *threshold = highest_key;
-    *at_least = c_hi;
-    return true;
-  }
-  const bool model = deviation > 0.0 && rank.density > 0.0 && deviation < 1e30;
-  double last_width = hi - lo;
-  for (int step = 0; step < 24; ++step) {
-    double t;
-    if (step == 0 && model) {
-      t = mean + rank.z * deviation;
-    } else if (step == 1 && model) {
-      // Newton on the model's count, from whichever end of the bracket the first probe set.
-      const double probe = c_lo > k ? lo : hi, c = c_lo > k ? c_lo : c_hi;
-      t = probe + (c - static_cast<double>(k)) * deviation / (static_cast<double>(real) * rank.density);
-    } else if (hi - lo <= 0.5 * last_width) {
-      t = lo + (hi - lo) * ((static_cast<double>(c_lo - k) - 0.5) / static_cast<double>(c_lo - c_hi));
-    } else {
-      t = lo + (hi - lo) * 0.5;
-    }
-    last_width = hi - lo;
-    float candidate = static_cast<float>(t);
-    if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
-      candidate = static_cast<float>(lo + (hi - lo) * 0.5);
-      if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
-        // lo and hi are adjacent floats: lo is the k-th largest score.
-        *threshold = key_of(static_cast<float>(lo));
-        *at_least = c_lo;
-        return true;
-      }
-    }
-    const int32_t key = key_of(candidate);
-    const int64_t c = count_at_least(keys, count, key);
-    if (c == k) {
-      *threshold = key;
-      *at_least = k;
-      return true;
-    }
-    if (c > k) {
-      lo = candidate;
-      c_lo = c;
-    } else {
-      hi = candidate;
-      c_hi = c;
-    }
-  }
-  return false;
+// Either stops as soon as a threshold splits off exactly k keys. When done, `threshold` is
+// either a key with exactly k keys at or above it (at_least = k), or the k-th largest key
+// itself (ties at it; at_least > k).
+//
+// The search is a state machine that moves one count at a time: `probe` is the key the
+// next pass counts from, and advance() takes that count. So the searches of several blocks
+// can run side by side (run_searches) and each still takes the steps it takes alone.
+struct Search {
+  enum Phase { kTop, kValue, kBits, kDone };
+  Phase phase;
+  int32_t probe;
+  const int32_t* keys;
+  int64_t count, real, k;  // keys with the padding, without, and how many to keep
+  // By value: the bracket [lo, hi] = [end[0], end[1]] with count(≥ lo) = c_lo ≥ k and
+  // count(≥ hi) = c_hi, < k unless lo = hi, in end_count[0] and [1]. Arrays, so that a
+  // count picks the end it replaces by an index: which end is a coin toss, and a branch
+  // on it (mispredicted half the time) made the mask stage ~10% slower.
+  // `candidate` is the value of probe; `model` says whether the normal model (mean,
+  // deviation, and the rank's z and density) makes the first two probes.
+  double end[2], last_width;
+  int64_t end_count[2];
+  int step;
+  float candidate;
+  bool model;
+  double mean, deviation, z, density;
+  // By key bits: the largest u so far with ≥ k keys at or above it, and the bit tried now.
+  uint32_t u;
+  int bit;
+  // The result.
+  int32_t threshold;
+  int64_t at_least;
+};
+
+constexpr int kValueProbes = 24;
+
+// x ≤ y ? a : b as a blend (GCC makes a branch of ?: on doubles).
+inline double select_le(double x, double y, double a, double b) {
+  const __m128d le = _mm_cmp_sd(_mm_set_sd(x), _mm_set_sd(y), _CMP_LE_OQ);
+  return _mm_cvtsd_f64(_mm_blendv_pd(_mm_set_sd(b), _mm_set_sd(a), le));
 }
 
-// Keeps the k best entries of one upper block (§3.3), scored by products.score_block, and
-// returns the kept bits per row in `row_bits` and per column (the mirrored block's rows) in
-// `col_bits`.
-//
-// Selection is a bisection on the order keys for the k-th largest, without sorting: the
-// kept set is every key above it plus, among keys equal to it, the first ones in
-// row-major order. It stops early once some threshold splits off exactly k entries.
-void select_block(const Geometry& g, const Products& products, const float* logits, int64_t r0, int64_t rows,
-                  int64_t c0, int64_t cols, const float* score_kernel, const BlockRank& rank, Workspace& ws,
-                  uint64_t* row_bits, uint64_t* col_bits) {
-  const int64_t k = rank.k;
-  const int64_t sp = round_up8(cols), rp = round_up8(rows);  // key row stride, rows with padding
-  int32_t* keys = ws.keys.data;
-  const BlockScores scores =
-      products.score_block(logits + r0 * g.ld + c0, g.ld, rows, cols, score_kernel, ws.tile.data, keys);
-  const double mean = scores.mean, deviation = scores.deviation;
+void finish(Search& s, int32_t threshold, int64_t at_least) {
+  s.phase = Search::kDone;
+  s.threshold = threshold;
+  s.at_least = at_least;
+}
 
-  const int64_t count = rp * sp;
-  int32_t threshold = 0;
-  int64_t at_least = 0;
-  if (!search_by_value(keys, count, rows * cols, rank, mean, deviation, scores.lowest_key, scores.highest_key,
-                       &threshold, &at_least)) {
-    // Bisection in unsigned key space (u = key ^ 2^31): the largest u with ≥ k keys at or above it.
-    uint32_t u = 0;
-    at_least = count;
-    for (int bit = 31; bit >= 0 && at_least != k; --bit) {
-      const uint32_t candidate = u | (uint32_t{1} << bit);
-      const int64_t c = count_at_least(keys, count, static_cast<int32_t>(candidate ^ 0x80000000u));
-      if (c >= k) {
-        u = candidate;
-        at_least = c;
-      }
-    }
-    threshold = static_cast<int32_t>(u ^ 0x80000000u);
+// The bisection on key bits, from u = 0 (all count keys, which are more than k).
+void start_bits(Search& s) {
+  s.phase = Search::kBits;
+  s.u = 0;
+  s.at_least = s.count;
+  s.bit = 31;
+  s.probe = static_cast<int32_t>((uint32_t{1} << 31) ^ 0x80000000u);
+}
+
+// Sets the next probe of the search by value, or finishes it where lo and hi are adjacent
+// floats (then lo is the k-th largest score).
+void next_value_probe(Search& s) {
+  if (s.step == kValueProbes) return start_bits(s);
+  const int64_t k = s.k;
+  const double lo = s.end[0], hi = s.end[1];
+  const int64_t c_lo = s.end_count[0], c_hi = s.end_count[1];
+  double t;
+  if (s.step == 0 && s.model) {
+    t = s.mean + s.z * s.deviation;
+  } else if (s.step == 1 && s.model) {
+    // Newton on the model's count, from whichever end of the bracket the first probe set.
+    const int moved = c_lo > k ? 0 : 1;
+    const double probe = s.end[moved], c = static_cast<double>(s.end_count[moved]);
+    t = probe + (c - static_cast<double>(k)) * s.deviation / (static_cast<double>(s.real) * s.density);
+  } else {
+    // Interpolation on the counts, or a bisection where the last step failed to halve the
+    // bracket (a blend, not a branch: the choice is as unpredictable as the bracket's side).
+    const double interpolated = (static_cast<double>(c_lo - k) - 0.5) / static_cast<double>(c_lo - c_hi);
+    t = lo + (hi - lo) * select_le(hi - lo, 0.5 * s.last_width, interpolated, 0.5);
   }
-  if (at_least == k) {
-    // Exactly the keys ≥ threshold (> INT_MIN, so padding never counts). The mirror's
-    // bits come from the same test on the transposed keys.
-    const __m256i below = _mm256_set1_epi32(threshold - 1);
-    auto bits_of = [&](const int32_t* row, int64_t width) {
-      uint64_t bits = 0;
-      for (int64_t j = 0; j < width; j += kLanes) {
-        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
-        bits |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, below)))) << j;
+  s.last_width = hi - lo;
+  float candidate = static_cast<float>(t);
+  if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
+    candidate = static_cast<float>(lo + (hi - lo) * 0.5);
+    if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi)))
+      return finish(s, key_of(static_cast<float>(lo)), c_lo);
+  }
+  s.candidate = candidate;
+  s.probe = key_of(candidate);
+}
+
+// A search over `count` keys of which `real` are the block's, from what scoring found.
+void start_search(Search& s, const int32_t* keys, int64_t count, int64_t real, const BlockRank& rank,
+                  const BlockScores& scores) {
+  s.keys = keys;
+  s.count = count;
+  s.real = real;
+  s.k = rank.k;
+  s.step = 0;
+  const float lowest = value_of(scores.lowest_key), highest = value_of(scores.highest_key);
+  const float inf = __builtin_inff();
+  // Not finite (NaN too, which ranks as -inf), or nothing to leave out: by key bits.
+  if (!(lowest > -inf && highest < inf) || real <= s.k) return start_bits(s);
+  s.end[0] = lowest;
+  s.end[1] = highest;
+  s.end_count[0] = real;
+  s.last_width = s.end[1] - s.end[0];
+  s.mean = scores.mean;
+  s.deviation = scores.deviation;
+  s.z = rank.z;
+  s.density = rank.density;
+  s.model = s.deviation > 0.0 && s.density > 0.0 && s.deviation < 1e30;
+  // The first count is at the maximum: it is the k-th largest itself when ties at the
+  // top reach k.
+  s.phase = Search::kTop;
+  s.probe = scores.highest_key;
+}
+
+// Moves the search on by the count of keys at or above its probe.
+void advance(Search& s, int64_t c) {
+  switch (s.phase) {
+    case Search::kTop:
+      s.end_count[1] = c;
+      if (c >= s.k) return finish(s, s.probe, c);
+      s.phase = Search::kValue;
+      return next_value_probe(s);
+    case Search::kValue: {
+      if (c == s.k) return finish(s, s.probe, c);
+      const int side = c > s.k ? 0 : 1;  // the probe becomes lo or hi
+      s.end[side] = s.candidate;
+      s.end_count[side] = c;
+      ++s.step;
+      return next_value_probe(s);
+    }
+    case Search::kBits:
+      if (c >= s.k) {
+        s.u = static_cast<uint32_t>(s.probe) ^ 0x80000000u;
+        s.at_least = c;
       }
-      return bits;
-    };
-    for (int64_t i = 0; i < rows; ++i) row_bits[i] = bits_of(keys + i * sp, sp);
-    int32_t* keys_t = keys + 64 * 64;
-    const float* kf = reinterpret_cast<const float*>(keys);
-    transpose(kf, sp, rp, sp, reinterpret_cast<float*>(keys_t), rp);
-    for (int64_t j = 0; j < cols; ++j) col_bits[j] = bits_of(keys_t + j * rp, rp);
+      if (--s.bit < 0 || s.at_least == s.k) return finish(s, static_cast<int32_t>(s.u ^ 0x80000000u), s.at_least);
+      s.probe = static_cast<int32_t>((s.u | uint32_t{1} << s.bit) ^ 0x80000000u);
+      return;
+    case Search::kDone:
+      return;
+  }
+}
+
+// The most blocks whose searches run side by side.
+constexpr int kMaxGroup = 16;
+
+// Runs n ≤ kMaxGroup searches to the end side by side: each round counts once for every
+// search still running, then moves each on. One search alone is latency bound (a count,
+// then the arithmetic that picks the next probe from it, then the next count); the counts
+// of a round are independent of each other, and so is each search's arithmetic, so
+// out-of-order execution overlaps them.
+void run_searches(Search* searches, int n) {
+  int running[kMaxGroup];
+  int live = 0;
+  for (int b = 0; b < n; ++b)
+    if (searches[b].phase != Search::kDone) running[live++] = b;
+  while (live > 0) {
+    int64_t counts[kMaxGroup];
+    for (int r = 0; r < live; ++r) {
+      const Search& s = searches[running[r]];
+      counts[r] = count_at_least(s.keys, s.count, s.probe);
+    }
+    int still = 0;
+    for (int r = 0; r < live; ++r) {
+      Search& s = searches[running[r]];
+      advance(s, counts[r]);
+      if (s.phase != Search::kDone) running[still++] = running[r];
+    }
+    live = still;
+  }
+}
+
+// A block's kept entries in the two layouts its mask words come from: by row (bit j of
+// row[i]: entry (i, j)), and by 8-column group (byte[g][i]: bits 8g..8g+7 of row i), the
+// layout transpose_bits() reads to make the mirrored block's rows.
+struct KeptBits {
+  uint64_t row[64];
+  alignas(32) uint8_t byte[8][64];
+};
+
+// The kept entries of a searched block (§3.3): the keys above the k-th largest, and among
+// keys equal to it the first ones in row-major order.
+void kept_bits(const Search& s, int64_t rows, int64_t cols, KeptBits& kept) {
+  const int64_t groups = round_up8(cols) / kLanes, sp = groups * kLanes;  // sp: key row stride
+  const int32_t* keys = s.keys;
+  auto mask_of = [](__m256i lanes) { return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(lanes))); };
+  if (s.at_least == s.k) {
+    // Exactly the keys ≥ threshold (> INT_MIN, so padding never counts). Each compare's
+    // mask is one byte of both layouts; the last group first, so a row word takes it with
+    // a constant shift.
+    const __m256i below = _mm256_set1_epi32(s.threshold - 1);
+    for (int64_t i = 0; i < rows; ++i) {
+      uint64_t bits = 0;
+      for (int64_t g = groups - 1; g >= 0; --g) {
+        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + g * kLanes));
+        const uint32_t byte = mask_of(_mm256_cmpgt_epi32(key, below));
+        kept.byte[g][i] = static_cast<uint8_t>(byte);
+        bits = bits << 8 | byte;
+      }
+      kept.row[i] = bits;
+    }
     return;
   }
   // Ties at the k-th key: keys above it, then equal ones in row-major order.
   // #(key > threshold) = #(key ≥ threshold + 1); threshold < INT_MAX since it is a real key.
-  const __m256i t = _mm256_set1_epi32(threshold);
-  int64_t need = k - count_at_least(keys, count, threshold + 1);
+  const __m256i t = _mm256_set1_epi32(s.threshold);
+  int64_t need = s.k - count_at_least(keys, s.count, s.threshold + 1);
   for (int64_t i = 0; i < rows; ++i) {
     uint64_t greater = 0, equal = 0;
-    for (int64_t j = 0; j < sp; j += kLanes) {
-      const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + j));
-      greater |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, t)))) << j;
-      equal |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, t)))) << j;
+    for (int64_t g = groups - 1; g >= 0; --g) {
+      const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + g * kLanes));
+      greater = greater << 8 | mask_of(_mm256_cmpgt_epi32(key, t));
+      equal = equal << 8 | mask_of(_mm256_cmpeq_epi32(key, t));
     }
     for (; need > 0 && equal; --need) {
       greater |= equal & (~equal + 1);  // lowest set bit
       equal &= equal - 1;
     }
-    row_bits[i] = greater;
+    kept.row[i] = greater;
+    for (int64_t g = 0; g < groups; ++g, greater >>= 8) kept.byte[g][i] = static_cast<uint8_t>(greater);
   }
-  for (int64_t j = 0; j < cols; ++j) col_bits[j] = 0;
-  for (int64_t i = 0; i < rows; ++i)
-    for (uint64_t b = row_bits[i]; b; b &= b - 1) col_bits[__builtin_ctzll(b)] |= uint64_t{1} << i;
+}
+
+// The mirrored block's rows: bit i of col_bits[j] is entry (i, j), for j < round_up8(cols).
+// By 8-column group: one movemask takes the top bit of 32 rows' bytes at once (the group's
+// last column), and shifting every byte left by one brings the next column to the top.
+void transpose_bits(const KeptBits& kept, int64_t rows, int64_t cols, uint64_t* col_bits) {
+  const uint64_t real_rows = low_bits(rows);  // bytes past the block's rows are stale
+  for (int64_t g = 0; g * kLanes < cols; ++g) {
+    uint64_t column[8] = {};
+    for (int64_t i0 = 0; i0 < rows; i0 += 32) {
+      __m256i top = _mm256_load_si256(reinterpret_cast<const __m256i*>(&kept.byte[g][i0]));
+      for (int c = 7; c >= 0; --c) {
+        column[c] |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(top))) << i0;
+        top = _mm256_slli_epi64(top, 1);
+      }
+    }
+    for (int c = 0; c < 8; ++c) col_bits[g * kLanes + c] = column[c] & real_rows;
+  }
+}
+
+// Upper block (m, n)'s rows into the pair's mask words, and the mirrored block's (n, m).
+void write_block(const Geometry& g, int64_t m, int64_t n, const uint64_t* row_bits, const uint64_t* col_bits,
+                 uint64_t* words) {
+  const int64_t C = g.chunks, rows = g.size(m), cols = g.size(n);
+  uint64_t* upper = words + g.begin(m) * C + n;
+  uint64_t* lower = words + g.begin(n) * C + m;
+  for (int64_t i = 0; i < rows; ++i) upper[i * C] = row_bits[i];
+  for (int64_t j = 0; j < cols; ++j) lower[j * C] = col_bits[j];
+}
+
+// An upper block that keeps everything (k ≥ its entries), and its mirror.
+void write_full_block(const Geometry& g, int64_t m, int64_t n, uint64_t* words) {
+  uint64_t row_bits[64], col_bits[64];
+  for (int64_t i = 0; i < g.size(m); ++i) row_bits[i] = low_bits(g.size(n));
+  for (int64_t j = 0; j < g.size(n); ++j) col_bits[j] = low_bits(g.size(m));
+  write_block(g, m, n, row_bits, col_bits, words);
+}
+
+// Selects the upper blocks (m, first), (m, first + 1), … that one group holds (at most
+// kMaxGroup searches, their keys within kSelectionKeys), writes their bits, and returns
+// the first block column left for the next group. The group's blocks are all scored
+// first, then searched side by side.
+int64_t select_group(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
+                     const BlockRank& full, const BlockRank& tail, int64_t m, int64_t first, Workspace& ws,
+                     uint64_t* words) {
+  const int64_t C = g.chunks, r0 = g.begin(m), rows = g.size(m);
+  Search searches[kMaxGroup];
+  int64_t block_column[kMaxGroup];
+  int n = 0;
+  int64_t used = 0;  // keys of ws.keys taken
+  int64_t bn = first;
+  for (; bn < C && n < kMaxGroup; ++bn) {
+    const int64_t c0 = g.begin(bn), cols = g.size(bn);
+    const BlockRank& rank = bn == C - 1 ? tail : full;
+    if (rank.k <= 0) continue;
+    if (rank.k >= rows * cols) {
+      write_full_block(g, m, bn, words);
+      continue;
+    }
+    const int64_t count = round_up8(rows) * round_up8(cols);
+    if (used + count > kSelectionKeys) break;
+    int32_t* keys = ws.keys.data + used;
+    const BlockScores scores =
+        products.score_block(logits + r0 * g.ld + c0, g.ld, rows, cols, score_kernel, ws.tile.data, keys);
+    start_search(searches[n], keys, count, rows * cols, rank, scores);
+    block_column[n++] = bn;
+    used += count;
+  }
+  run_searches(searches, n);
+  KeptBits kept;
+  uint64_t col_bits[64];
+  for (int b = 0; b < n; ++b) {
+    const int64_t cols = g.size(block_column[b]);
+    kept_bits(searches[b], rows, cols, kept);
+    transpose_bits(kept, rows, cols, col_bits);
+    write_block(g, m, block_column[b], kept.row, col_bits, words);
+  }
+  return bn;
 }
 
 }  // namespace
@@ -318,25 +492,10 @@ void compute_mask_words(const Geometry& g, const Products& products, const float
   std::memset(words, 0, sizeof(uint64_t) * g.n * C);
   for (int64_t m = 0; m < C; ++m)
     for (int64_t i = g.begin(m); i < g.begin(m) + g.size(m); ++i) words[i * C + m] = low_bits(g.size(m));
-  uint64_t row_bits[64], col_bits[64];
   // Upper blocks have full rows; their columns are full or the last chunk.
   const BlockRank full = block_rank(keep.full, g.omega * g.omega), tail = block_rank(keep.tail, g.omega * g.last);
-  for (int64_t m = 0; m + 1 < C; ++m) {
-    const int64_t r0 = g.begin(m), rows = g.size(m);
-    for (int64_t bn = m + 1; bn < C; ++bn) {
-      const int64_t c0 = g.begin(bn), cols = g.size(bn);
-      const BlockRank& rank = bn == C - 1 ? tail : full;
-      if (rank.k <= 0) continue;
-      if (rank.k >= rows * cols) {
-        for (int64_t i = 0; i < rows; ++i) row_bits[i] = low_bits(cols);
-        for (int64_t j = 0; j < cols; ++j) col_bits[j] = low_bits(rows);
-      } else {
-        select_block(g, products, logits, r0, rows, c0, cols, score_kernel, rank, ws, row_bits, col_bits);
-      }
-      for (int64_t i = 0; i < rows; ++i) words[(r0 + i) * C + bn] = row_bits[i];
-      for (int64_t j = 0; j < cols; ++j) words[(c0 + j) * C + m] = col_bits[j];
-    }
-  }
+  for (int64_t m = 0; m + 1 < C; ++m)
+    for (int64_t n = m + 1; n < C;) n = select_group(g, products, logits, score_kernel, full, tail, m, n, ws, words);
 }
 
 }  // namespace bspf::cpu::avx2

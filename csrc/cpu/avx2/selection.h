@@ -1,5 +1,5 @@
 // The AVX2 path's keep mask (SPEC §3.2–3.3): 3×3 scores of each upper block, its k best
-// entries by bisection on order keys, mirrored to the lower block.
+// entries by a search on order keys, mirrored to the lower block.
 #pragma once
 
 #include <cstdint>
@@ -7,6 +7,10 @@
 #include "workspace.h"
 
 namespace bspf::cpu::avx2 {
+
+// What compute_mask_words needs of ws.keys: the order keys of the upper blocks it
+// searches side by side, 64 KB (four 64×64 blocks; smaller ones go up to 16 at a time).
+constexpr int64_t kSelectionKeys = 4 * 64 * 64;
 
 // SPEC §3.3 for one pair: diagonal blocks full, upper blocks selected, mirrored below.
 void compute_mask_words(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
