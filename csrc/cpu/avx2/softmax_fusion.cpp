@@ -149,6 +149,15 @@ void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) 
   // The words are filled in registers and stored once each: or-ing into memory chunk by
   // chunk made every chunk wait on the previous one's store.
   const int64_t count = bitmap_words(g);
+  if (64 % g.omega == 0) {  // whole chunks per word (block sizes 1, 2, 4, …, 64): no spill
+    const int64_t per_word = 64 / g.omega;
+    for (int64_t w = 0, c = 0; w < count; ++w) {
+      uint64_t word = 0;
+      for (int64_t t = 0; t < per_word && c < g.chunks; ++t, ++c) word |= row_words[c] << (t * g.omega);
+      bitmap[w] = word;
+    }
+    return;
+  }
   uint64_t word = 0, next = 0;  // bitmap[w], and what spills into bitmap[w + 1]
   int64_t w = 0;
   for (int64_t c = 0; c < g.chunks; ++c) {
