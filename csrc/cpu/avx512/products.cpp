@@ -273,14 +273,32 @@ avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int6
     // [0, cols). Kernel rows above the first block row and below the last read nothing.
     const __mmask16 centre = lanes_below(cols - j), right = lanes_below(cols - j - 1);
     const __mmask16 left = static_cast<__mmask16>(lanes_below(cols - j + 1) & (j == 0 ? 0xFFFEu : 0xFFFFu));
-    const __mmask16 part[3] = {left, centre, right}, real = centre, stored = lanes_below(sp - j);
+    const __mmask16 real = centre, stored = lanes_below(sp - j);
+    // A block row's three reads, one per kernel column, 0 outside the block: each is used by
+    // three output rows, so they roll down the block (above, here, below) and a row loads 3.
+    auto load_taps = [&](int64_t row, __m512* taps) {
+      const bool inside = row < rows;
+      const float* p = block + row * ld + j;
+      taps[0] = inside ? _mm512_maskz_loadu_ps(left, p - 1) : zero;
+      taps[1] = inside ? _mm512_maskz_loadu_ps(centre, p) : zero;
+      taps[2] = inside ? _mm512_maskz_loadu_ps(right, p + 1) : zero;
+    };
+    __m512 above[3] = {zero, zero, zero}, here[3], below[3];
+    load_taps(0, here);
     for (int64_t i = 0; i < rows; ++i) {
-      __m512 s = zero;
-      for (int e = 0; e < 9; ++e) {
-        const int64_t row = i + e / 3 - 1, dj = e % 3;
-        const __m512 x =
-            row < 0 || row >= rows ? zero : _mm512_maskz_loadu_ps(part[dj], block + row * ld + j + dj - 1);
-        s = e == 0 ? _mm512_mul_ps(w[0], x) : _mm512_fmadd_ps(w[e], x, s);
+      load_taps(i + 1, below);
+      __m512 s = _mm512_mul_ps(w[0], above[0]);  // the kernel's entries in order, as the AVX2 path
+      s = _mm512_fmadd_ps(w[1], above[1], s);
+      s = _mm512_fmadd_ps(w[2], above[2], s);
+      s = _mm512_fmadd_ps(w[3], here[0], s);
+      s = _mm512_fmadd_ps(w[4], here[1], s);
+      s = _mm512_fmadd_ps(w[5], here[2], s);
+      s = _mm512_fmadd_ps(w[6], below[0], s);
+      s = _mm512_fmadd_ps(w[7], below[1], s);
+      s = _mm512_fmadd_ps(w[8], below[2], s);
+      for (int t = 0; t < 3; ++t) {
+        above[t] = here[t];
+        here[t] = below[t];
       }
       const __m512i key = _mm512_mask_blend_epi32(real, padding, order_key(s));
       lowest = _mm512_mask_min_epi32(lowest, real, lowest, key);
