@@ -86,19 +86,13 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   // dP = M ⊙ dR plus, on pruned (i, j), ρ_i · H · dR(b(i), j); and dρ_i (SPEC §4).
   // In place: the writes go to pruned entries, the reads to kept ones.
   float* grad_rho = ws.column.data;
+  const ChunkGrid grid = g.grid();
   for (int64_t i = 0; i < N; ++i) {
-    float acc = 0.0f;
-    if (bp.p.fuse) {
-      const float* grad_target = grad + match[i] * ld;
-      const float* p = probs + i * ld;
-      float* dp = grad + i * ld;
-      const float r = rho[i];
-      for_each_fused_entry(g, i, words, match, rho, [&](int64_t j, float similarity) {
-        dp[j] += r * similarity * grad_target[j];
-        acc += similarity * p[j] * grad_target[j];
-      });
-    }
-    grad_rho[i] = acc;
+    const int64_t q = match[i];
+    grad_rho[i] = bp.p.fuse && q != i && rho[i] > 0.0f
+                      ? fused_grad_row(grid, words + i * C, words + q * C, rho[i], probs + i * ld, grad + q * ld,
+                                       grad + i * ld)
+                      : 0.0f;
   }
 
   // dL = P ⊙ (dP − Σ_k P(i, k) dP(i, k)).

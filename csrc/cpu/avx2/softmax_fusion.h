@@ -54,23 +54,13 @@ inline uint32_t bitmap_byte(const uint64_t* bitmap, int64_t j) {  // bits of col
   return static_cast<uint32_t>(bitmap[j / 64] >> (j % 64)) & 0xFFu;
 }
 
-// Calls fn(j, similarity) for every pruned entry (i, j) whose target (b(i), j) is kept
-// (SPEC §3.6–3.7), as the portable path does.
-template <typename Fn>
-inline void for_each_fused_entry(const Geometry& g, int64_t i, const uint64_t* words, const int32_t* match,
-                                 const float* rho, Fn&& fn) {
-  const int64_t C = g.chunks, p = match[i];
-  if (p == i || !(rho[i] > 0.0f)) return;
-  const int64_t own = i / g.omega;
-  for (int64_t c = 0; c < C; ++c) {
-    if (c == own) continue;
-    const uint64_t wi = words[i * C + c], wp = words[p * C + c];
-    uint64_t moved = ~wi & wp & low_bits(g.size(c));
-    if (!moved) continue;
-    const float similarity = g.similarity(c, __builtin_popcountll(wi ^ wp));
-    for (; moved; moved &= moved - 1) fn(g.begin(c) + __builtin_ctzll(moved), similarity);
-  }
-}
+// The backward's fusion terms of row i (SPEC §4), the transpose of fuse_row: on the
+// columns j that row i prunes and b(i) keeps (`wi`, `wp` their mask words),
+// grad_i(j) += rho · H · grad_target(j), and returns Σ_j H · probs_i(j) · grad_target(j)
+// over them (dρ_i). One chunk at a time, 8 columns per step under the moved bits; other
+// entries of grad_i are left as they are, bit for bit.
+float fused_grad_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float rho, const float* probs_i,
+                     const float* grad_target, float* grad_i);
 
 inline int64_t bitmap_words(const Geometry& g) { return g.ld / 64 + 1; }
 
