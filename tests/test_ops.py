@@ -292,3 +292,56 @@ def test_cpu_forward_and_backward_at_n_4096(working):
     rtol = GRAD_RTOL[working]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.double(), e, rtol=rtol, atol=rtol * max(e.abs().max().item(), 1.0))
+
+
+# ------------------------------------------------------- the CPU forward's direct call
+
+
+def _forward_op_calls(run) -> int:
+    """How many times bspf_ext::forward went through the dispatcher while `run()` ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name().startswith("bspf_ext::forward"):
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.calls
+
+
+def test_direct_cpu_call_is_the_op_bit_for_bit():
+    """Eager inference on CPU skips the dispatcher (api._direct_cpu_call) and must give
+    what the op gives, in every grad mode that allows it."""
+    from bspf_ext.ops import api
+    from bspf_ext.ops.library import forward_op
+
+    qk, v = random_inputs(2, 3, 70, 16, dtype=torch.float32, seed=5)
+    kernel = torch.rand(3, 3)
+    through_op = forward_op(qk, v, kernel, 16, 0.5, True, 0.25)[0]
+    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with mode():
+            assert api._direct_cpu_call(qk, v, kernel)
+            out = bspf_ext.block_symmetric_attention(qk, v, kernel, block_size=16, keep_ratio=0.5, scale=0.25)
+        assert torch.equal(out, through_op)
+
+
+def test_direct_cpu_call_steps_aside_when_the_dispatcher_is_watched():
+    """Autograd, a dispatch mode (a FLOP counter, a tracer), the profiler and torch.compile
+    see the op: the direct call is only for plain eager inference."""
+    from bspf_ext.ops import api
+
+    qk, v = random_inputs(1, 2, 40, 8, dtype=torch.float32, seed=6)
+    kernel = torch.full((3, 3), 1 / 9)
+    assert _forward_op_calls(lambda: bspf_ext.block_symmetric_attention(qk, v)) == 1
+    with torch.autograd.profiler.profile() as prof:
+        bspf_ext.block_symmetric_attention(qk, v)
+    assert any(e.name.startswith("bspf_ext::forward") for e in prof.function_events)
+    assert not api._direct_cpu_call(qk.clone().requires_grad_(), v, kernel)
+    assert not api._direct_cpu_call(qk.to("meta"), v.to("meta"), kernel.to("meta"))
+    with torch.no_grad():
+        assert api._direct_cpu_call(qk.clone().requires_grad_(), v, kernel)

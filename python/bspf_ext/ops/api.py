@@ -7,6 +7,7 @@ from torch import Tensor
 
 from . import validation
 from .._checks import check_choice
+from .cpu import forward_cpu
 from .library import backward_op, block_mask_op, forward_op, score_kernel_grad_op
 
 # What the score kernel's gradient is: exactly zero (SPEC §4: W only moves the discrete
@@ -43,7 +44,32 @@ def block_symmetric_attention(
     check_choice("score_kernel_grad", score_kernel_grad, SCORE_KERNEL_GRADS)
     if score_kernel_grad == "surrogate" and arguments[2].requires_grad and torch.is_grad_enabled():
         return _SurrogateScoreKernel.apply(*arguments)[0]
+    if _direct_cpu_call(*arguments[:3]):
+        return forward_cpu(*arguments)[0]
     return forward_op(*arguments)[0]
+
+
+def _direct_cpu_call(*tensors: Tensor) -> bool:
+    """Whether the forward may call its CPU kernel directly instead of through the
+    dispatcher: plain CPU tensors, nothing to differentiate, and nothing that watches the
+    dispatcher (tracing or compiling, a dispatch or function mode such as a FLOP counter,
+    the profiler). The result is the same; the custom op's Python dispatch runs right
+    after the previous call's kernel has taken the caches, which made it cost ~3% of an
+    inference call at the target shape (docs/performance.md, "The op's Python layer")."""
+    if tensors[0].device.type != "cpu" or any(type(t) not in _PLAIN_TENSORS for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch.autograd._profiler_enabled()
+    )
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def block_mask(

@@ -14,7 +14,7 @@ from .library import (allocate_forward, backward_op, block_mask_op, forward_op, 
 
 
 @forward_op.register_kernel("cpu")
-def _forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
+def forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
     outputs = allocate_forward(qk, v, block_size)
     out, mask_words, match, rho, lse, log_row_sum = outputs
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
