@@ -30,7 +30,7 @@ def check_block_size(block_size) -> int:
 
 
 def check_keep_ratio(keep_ratio, name: str = "keep_ratio") -> float:
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
+    if type(keep_ratio) is not float and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real)):
         raise TypeError(f"{name} must be a float in [0, 1], got {describe(keep_ratio)}")
     value = float(keep_ratio)
     if math.isnan(value) or not 0.0 <= value <= 1.0:
@@ -41,7 +41,7 @@ def check_keep_ratio(keep_ratio, name: str = "keep_ratio") -> float:
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+    if type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a finite float or None, got {describe(scale)}")
     value = float(scale)
     if not math.isfinite(value):
