@@ -33,9 +33,6 @@ struct Geometry {
   float similarity_full[65], similarity_last[65];
   int64_t begin(int64_t c) const { return c * omega; }
   int64_t size(int64_t c) const { return c == chunks - 1 ? last : omega; }
-  float similarity(int64_t c, int popcount) const {
-    return c == chunks - 1 ? similarity_last[popcount] : similarity_full[popcount];
-  }
   ChunkGrid grid() const { return {omega, chunks, last, similarity_full, similarity_last}; }
   int64_t square() const { return ld * ld + kLanes; }  // + slack: the score tiles read a vector past a row
 };
