@@ -1,8 +1,10 @@
 // The AVX-512 products (kernels.h, avx512::kProducts): the AVX2 path's dense GEMM, sparse
-// row products and block scoring computed 16 lanes wide, on CPUs with AVX-512F. Everything
-// else of the path is the AVX2 code: the two products are over half of a forward at the
-// target shape and are bound by FMA throughput, which 512-bit vectors double on a CPU with
-// two 512-bit FMA units; a block row of 16 scores is one vector (docs/performance.md, "The
+// row products, block scoring and forward row work (exps, row sums, fusion) computed 16
+// lanes wide, on CPUs with AVX-512F. Everything else of the path is the AVX2 code: the two
+// products are over half of a forward at the target shape and are bound by FMA
+// throughput, which 512-bit vectors double on a CPU with two 512-bit FMA units; a block
+// row of 16 scores, or a chunk of 16 columns, is one vector, and the AVX2 stages beside
+// 512-bit ones ran at the lower clock those leave behind (docs/performance.md, "The
 // AVX-512 products").
 //
 // Compiled with -mavx512f (cmake/SimdFlags.cmake). It includes no header of the AVX2 path
@@ -14,7 +16,7 @@
 // The 64-wide sparse product sums each row's entries in two interleaved halves, so it
 // differs from the AVX2 path in rounding only; at other widths the sums are the same. The
 // block scores and their order keys are the AVX2 path's bit for bit, so both choose the
-// same mask.
+// same mask; so are the exps. Row sums and fusion sums add in another order (rounding only).
 //
 // Accumulators are named variables, not arrays: GCC keeps an array of accumulators in
 // registers but may also store all of it on every iteration, which makes a loop store-bound.
