@@ -13,7 +13,10 @@ from .geometry import DTYPE_NAMES, accumulation_dtype
 
 def score_kernel_buffer(score_kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The 3×3 score kernel as the kernels read it: contiguous, in the accumulation type."""
-    return score_kernel.to(accumulation_dtype(dtype)).contiguous()
+    acc = accumulation_dtype(dtype)
+    if score_kernel.dtype == acc and score_kernel.is_contiguous():
+        return score_kernel  # the common case, without two no-op dispatches
+    return score_kernel.to(acc).contiguous()
 
 
 def problem(backend, qk: torch.Tensor, v: torch.Tensor, block_size: int, scale: float, fuse: bool):
