@@ -165,3 +165,28 @@ def test_valid_params_run_and_match_the_op(tensors):
     torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-6)
     _C.backward(backward_params(tensors))
     assert torch.isfinite(tensors["grad_qk"]).all() and torch.isfinite(tensors["grad_v"]).all()
+
+
+def test_all_fields_constructors_fill_every_field(tensors):
+    """The structs' all-fields constructors (what the op's Python layer uses) set each
+    field to what was passed, as setting the fields one by one does."""
+    t = tensors
+    out, mask_words, match, rho, lse, log_row_sum = t["outputs"]
+    v = t["v"].transpose(2, 3).contiguous().transpose(2, 3)  # a non-contiguous layout
+    fp = _params.forward_params(_C, t["qk"], v, t["kernel"], BLOCK, 0.25, False, 0.5,
+                                out, _params.saved(_C, mask_words, match, rho, lse, log_row_sum), 2)
+    assert (fp.p.dtype, fp.p.batch, fp.p.heads, fp.p.seqlen) == (_C.DType.float32, B, H, N)
+    assert (fp.p.head_dim, fp.p.value_dim, fp.p.block_size, fp.p.scale, fp.p.fuse) == (D, DV, BLOCK, 0.5, False)
+    assert (fp.keep_ratio, fp.num_threads) == (0.25, 2)
+    assert (fp.qk, list(fp.qk_stride)) == (t["qk"].data_ptr(), list(t["qk"].stride()))
+    assert (fp.v, list(fp.v_stride)) == (v.data_ptr(), list(v.stride()))
+    assert (fp.score_kernel, fp.out) == (t["kernel"].data_ptr(), out.data_ptr())
+    s = fp.saved
+    assert [s.mask_words, s.match, s.rho, s.lse, s.log_row_sum] == [
+        x.data_ptr() for x in (mask_words, match, rho, lse, log_row_sum)]
+
+    bp = backward_params(t)
+    assert (bp.grad_out, list(bp.grad_out_stride)) == (t["grad_out"].data_ptr(), list(t["grad_out"].stride()))
+    assert (bp.qk, bp.v, list(bp.v_stride)) == (t["qk"].data_ptr(), t["v"].data_ptr(), list(t["v"].stride()))
+    assert (bp.grad_qk, bp.grad_v, bp.num_threads) == (t["grad_qk"].data_ptr(), t["grad_v"].data_ptr(), 1)
+    assert bp.saved.mask_words == mask_words.data_ptr()
