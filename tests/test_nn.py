@@ -105,6 +105,37 @@ def test_theta_moves_the_mask():
     assert not torch.allclose(layer(x), before)
 
 
+def test_score_kernel_is_reused_only_while_theta_is_unchanged():
+    """Outside autograd W is made once and reused; every way of changing θ (in place, a
+    loaded state dict, a dtype change) makes it anew, and with autograd on it is made
+    afresh, with its graph, on every call."""
+    layer = _layer(dtype=torch.float32)
+    cpu = torch.device("cpu")
+
+    def fresh():
+        return score_kernel_from_theta(layer.theta.detach().float())
+
+    with torch.no_grad():
+        first = layer.score_kernel(torch.float32, cpu)
+        assert layer.score_kernel(torch.float32, cpu) is first
+        layer.theta[0, 1] = 2.0
+        moved = layer.score_kernel(torch.float32, cpu)
+        torch.testing.assert_close(moved, fresh())
+        assert not torch.equal(moved, first)
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["theta"][1, 1] = -3.0
+        layer.load_state_dict(state)
+        torch.testing.assert_close(layer.score_kernel(torch.float32, cpu), fresh())
+        assert layer.score_kernel(torch.float64, cpu).dtype == torch.float64
+    layer.double()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.score_kernel(torch.float64, cpu), fresh().double())
+    w = layer.score_kernel(torch.float64, cpu)
+    assert w.grad_fn is not None and layer.score_kernel(torch.float64, cpu) is not w
+    with torch.inference_mode():
+        torch.testing.assert_close(layer.score_kernel(torch.float64, cpu), fresh().double())
+
+
 def test_gradients_reach_every_learning_parameter():
     layer = _layer(keep_ratio=0.5, qk_norm=True, norm_layer=torch.nn.LayerNorm, dtype=torch.float32)
     with torch.no_grad():  # LayerNorm's affine parameters start at 1 and 0; make them generic

@@ -219,7 +219,25 @@ class BlockSymmetricAttention(nn.Module):
             self.register_parameter("theta", None)
 
     def score_kernel(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """The 3×3 scoring kernel W this layer passes to the operator."""
+        """The 3×3 scoring kernel W this layer passes to the operator.
+
+        Where nothing needs its graph (no gradient for θ, not compiling), W is made once and
+        reused until θ, the dtype or the device changes: making it is a chain of small ops
+        that cost a few % of a layer's time at batch 1 on CPU."""
+        theta = self.theta
+        if torch.compiler.is_compiling() or (theta is not None and (
+                (theta.requires_grad and torch.is_grad_enabled()) or theta.is_inference())):
+            return self._make_score_kernel(dtype, device)
+        # θ's storage and version counter change with every way of changing its values
+        # (in place, load_state_dict, .to() or .data =).
+        key = (dtype, device) if theta is None else (dtype, device, theta.data_ptr(), theta._version)
+        cached = getattr(self, "_score_kernel_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self._make_score_kernel(dtype, device))
+            self._score_kernel_cache = cached
+        return cached[1]
+
+    def _make_score_kernel(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         if self.scoring == "learned":
             return score_kernel_from_theta(self.theta.float()).to(dtype)
         if self.scoring == "box":
