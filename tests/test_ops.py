@@ -315,19 +315,26 @@ def _forward_op_calls(run) -> int:
 
 
 def test_direct_cpu_call_is_the_op_bit_for_bit():
-    """Eager inference on CPU skips the dispatcher (api._direct_cpu_call) and must give
-    what the op gives, in every grad mode that allows it."""
+    """Eager inference on CPU skips the dispatcher (api._direct_cpu_call), with the saved
+    buffers in one scratch allocation (cpu.inference_forward_cpu), and must give what the
+    op gives, in every grad mode that allows it; float64, Dv ≠ D, Dv = 0 and empty inputs
+    included."""
     from bspf_ext.ops import api
     from bspf_ext.ops.library import forward_op
 
-    qk, v = random_inputs(2, 3, 70, 16, dtype=torch.float32, seed=5)
-    kernel = torch.rand(3, 3)
-    through_op = forward_op(qk, v, kernel, 16, 0.5, True, 0.25)[0]
-    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
-        with mode():
-            assert api._direct_cpu_call(qk, v, kernel)
-            out = bspf_ext.block_symmetric_attention(qk, v, kernel, block_size=16, keep_ratio=0.5, scale=0.25)
-        assert torch.equal(out, through_op)
+    for dtype, (b, h, n, d, dv) in [(torch.float32, (2, 3, 70, 16, 16)), (torch.float64, (1, 2, 33, 8, 5)),
+                                    (torch.float32, (1, 1, 1, 4, 4)), (torch.float32, (1, 2, 20, 4, 0)),
+                                    (torch.float32, (0, 2, 20, 4, 4)), (torch.float64, (1, 2, 0, 4, 4))]:
+        qk, v = random_inputs(b, h, n, d, max(dv, 1), dtype=dtype, seed=5)
+        v = v[..., :dv]
+        kernel = torch.rand(3, 3, dtype=dtype)
+        through_op = forward_op(qk, v, kernel, 16, 0.5, True, 0.25)[0]
+        for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+            with mode():
+                assert api._direct_cpu_call(qk, v, kernel)
+                out = bspf_ext.block_symmetric_attention(qk, v, kernel, block_size=16, keep_ratio=0.5, scale=0.25)
+            assert out.shape == through_op.shape and out.dtype == dtype
+            assert torch.equal(out, through_op)
 
 
 def test_direct_cpu_call_steps_aside_when_the_dispatcher_is_watched():

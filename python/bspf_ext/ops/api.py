@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import validation
 from .._checks import check_choice
-from .cpu import forward_cpu
+from .cpu import inference_forward_cpu
 from .library import backward_op, block_mask_op, forward_op, score_kernel_grad_op
 
 # What the score kernel's gradient is: exactly zero (SPEC §4: W only moves the discrete
@@ -45,7 +45,7 @@ def block_symmetric_attention(
     if score_kernel_grad == "surrogate" and arguments[2].requires_grad and torch.is_grad_enabled():
         return _SurrogateScoreKernel.apply(*arguments)[0]
     if _direct_cpu_call(*arguments[:3]):
-        return forward_cpu(*arguments)[0]
+        return inference_forward_cpu(*arguments)
     return forward_op(*arguments)[0]
 
 

@@ -19,13 +19,41 @@ def forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
     out, mask_words, match, rho, lse, log_row_sum = outputs
     if mask_words.numel() == 0:  # B·H = 0 or N = 0
         return tuple(t.zero_() for t in outputs)
-    weights = _params.score_kernel_buffer(score_kernel, qk.dtype)
     saved = _params.saved(_C, mask_words, match, rho, lse, log_row_sum)
+    _run_forward(qk, v, score_kernel, block_size, keep_ratio, fuse, scale, out, saved)
+    return outputs
+
+
+def inference_forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, scale):
+    """bspf_ext::forward's output alone, for a call that nothing will differentiate (api.py
+    calls it directly): what the forward saves for a backward goes to one scratch buffer,
+    dropped on return. One allocation instead of five: each costs microseconds right after
+    the previous call's kernel, a few % of a batch-1 call."""
+    b, h, n, _ = qk.shape
+    out = qk.new_empty((b, h, n, v.shape[-1]))
+    rows = b * h * n
+    if rows == 0:
+        return out
+    # The saved buffers' element types and counts, as allocate_forward makes them, each
+    # starting on a 64-byte line.
+    parts = [(8, rows * num_chunks(n, block_size)), (4, rows)] + [(accumulation_dtype(qk.dtype).itemsize, rows)] * 3
+    offsets, size = [], 0
+    for itemsize, count in parts:
+        offsets.append(size)
+        size += -(-itemsize * count // 64) * 64
+    scratch = torch.empty(size + 64, dtype=torch.uint8)
+    base = -(-scratch.data_ptr() // 64) * 64
+    saved = _C.Saved(*(base + offset for offset in offsets))
+    _run_forward(qk, v, score_kernel, block_size, keep_ratio, fuse, scale, out, saved)
+    return out
+
+
+def _run_forward(qk, v, score_kernel, block_size, keep_ratio, fuse, scale, out, saved):
+    weights = _params.score_kernel_buffer(score_kernel, qk.dtype)
     params = _params.forward_params(
         _C, qk, v, weights, block_size, keep_ratio, fuse, scale, out, saved, torch.get_num_threads()
     )
     _C.forward(params)
-    return outputs
 
 
 @backward_op.register_kernel("cpu")
