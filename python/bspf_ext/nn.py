@@ -221,16 +221,20 @@ class BlockSymmetricAttention(nn.Module):
     def score_kernel(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The 3×3 scoring kernel W this layer passes to the operator.
 
-        Where nothing needs its graph (no gradient for θ, not compiling), W is made once and
-        reused until θ, the dtype or the device changes: making it is a chain of small ops
-        that cost a few % of a layer's time at batch 1 on CPU."""
+        Where nothing needs its graph (no gradient for θ, not compiling or tracing), W is
+        made once and reused until θ, the dtype or the device changes: making it is a chain
+        of small ops that cost a few % of a layer's time at batch 1 on CPU."""
         theta = self.theta
-        if torch.compiler.is_compiling() or (theta is not None and (
-                (theta.requires_grad and torch.is_grad_enabled()) or theta.is_inference())):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (theta is not None and (
+                (theta.requires_grad and torch.is_grad_enabled()) or theta.is_inference()
+                or type(theta) not in (nn.Parameter, torch.Tensor))):
             return self._make_score_kernel(dtype, device)
         # θ's storage and version counter change with every way of changing its values
         # (in place, load_state_dict, .to() or .data =).
-        key = (dtype, device) if theta is None else (dtype, device, theta.data_ptr(), theta._version)
+        try:
+            key = (dtype, device) if theta is None else (dtype, device, theta.data_ptr(), theta._version)
+        except RuntimeError:  # θ has no storage of its own (a torch.func transform's wrapper)
+            return self._make_score_kernel(dtype, device)
         cached = getattr(self, "_score_kernel_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, self._make_score_kernel(dtype, device))
