@@ -54,26 +54,24 @@ import bspf_ext  # noqa: E402
 BASELINES = Path(__file__).resolve().parent / "baselines" / "cpu.json"
 
 
-def cpu_model() -> str:
+def cpuinfo(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field ("model name", "vendor_id"), or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    return cpuinfo("vendor_id") or platform.machine()
 
 
 def machine_kind() -> str:
