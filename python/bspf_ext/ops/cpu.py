@@ -3,13 +3,15 @@ call bspf_ext._C with torch's thread count."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _C
 from . import params as _params
 from .validation import check_score_kernel_grad_inputs
 from .geometry import accumulation_dtype, num_chunks
-from .library import (allocate_forward, backward_op, block_mask_op, forward_op, score_kernel_grad_op,
+from .library import (allocate_forward, backward_op, block_mask_op, forward_op, saved_layout, score_kernel_grad_op,
                       unpack_mask_words)
 
 
@@ -34,13 +36,11 @@ def inference_forward_cpu(qk, v, score_kernel, block_size, keep_ratio, fuse, sca
     rows = b * h * n
     if rows == 0:
         return out
-    # The saved buffers' element types and counts, as allocate_forward makes them, each
-    # starting on a 64-byte line.
-    parts = [(8, rows * num_chunks(n, block_size)), (4, rows)] + [(accumulation_dtype(qk.dtype).itemsize, rows)] * 3
+    # The saved buffers one after another, each starting on a 64-byte line.
     offsets, size = [], 0
-    for itemsize, count in parts:
+    for shape, dtype in saved_layout(qk, block_size):
         offsets.append(size)
-        size += -(-itemsize * count // 64) * 64
+        size += -(-dtype.itemsize * math.prod(shape) // 64) * 64
     scratch = torch.empty(size + 64, dtype=torch.uint8)
     base = -(-scratch.data_ptr() // 64) * 64
     saved = _C.Saved(*(base + offset for offset in offsets))

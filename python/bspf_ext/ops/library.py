@@ -74,15 +74,20 @@ def score_kernel_grad_op(
 # ------------------------------------------------------------- shapes (fake and real)
 
 
-def allocate_forward(qk: Tensor, v: Tensor, block_size: int):
-    """Every output of bspf_ext::forward, uninitialised. Used by the fake kernel too."""
+def saved_layout(qk: Tensor, block_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each buffer the forward saves for the backward, in the order of
+    bspf_ext::forward's outputs: mask_words, match, rho, lse, log_row_sum."""
     b, h, n, _ = qk.shape
     acc = accumulation_dtype(qk.dtype)
-    out = qk.new_empty((b, h, n, v.shape[-1]))
-    mask_words = qk.new_empty((b, h, n, num_chunks(n, block_size)), dtype=torch.int64)
-    match = qk.new_empty((b, h, n), dtype=torch.int32)
-    rho, lse, log_row_sum = (qk.new_empty((b, h, n), dtype=acc) for _ in range(3))
-    return out, mask_words, match, rho, lse, log_row_sum
+    rows = (b, h, n)
+    return [((*rows, num_chunks(n, block_size)), torch.int64), (rows, torch.int32), (rows, acc), (rows, acc),
+            (rows, acc)]
+
+
+def allocate_forward(qk: Tensor, v: Tensor, block_size: int):
+    """Every output of bspf_ext::forward, uninitialised. Used by the fake kernel too."""
+    out = qk.new_empty((*qk.shape[:3], v.shape[-1]))
+    return (out, *(qk.new_empty(shape, dtype=dtype) for shape, dtype in saved_layout(qk, block_size)))
 
 
 def unpack_mask_words(mask_words: Tensor, n: int, block_size: int) -> Tensor:
