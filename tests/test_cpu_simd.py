@@ -188,6 +188,23 @@ def test_options_scale_kernel_and_strides(vector_path, fuse):
 
 
 
+@pytest.mark.parametrize("dv", [16, 24, 64])
+@pytest.mark.parametrize("offset", [1, 4, 8])
+def test_values_off_cache_lines_give_the_same_output(vector_path, dv, offset):
+    """V whose rows start off 64-byte lines (a view `offset` floats into its storage) is
+    gathered to aligned rows before A·V (24 floats never fill whole lines, so that one is
+    read where it is at any offset): either way the output is the aligned V's bit for bit."""
+    qk, v = _inputs(2, 3, 45, 16, dv, seed=8)
+    storage = torch.empty(v.numel() + offset)
+    shifted = storage[offset:].view(v.shape)
+    shifted.copy_(v)
+    assert shifted.data_ptr() % 64 != 0 and v.data_ptr() % 64 == 0
+    expected = _forward(qk, v, block_size=8, keep_ratio=0.5)
+    actual = _forward(qk, shifted, block_size=8, keep_ratio=0.5)
+    for a, b in zip(actual[:3] + actual[3], expected[:3] + expected[3]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("keep_ratio", [0.05, 0.5, 0.93])
 @pytest.mark.parametrize("shape", ["cubed", "sparse", "constant rows"])
 def test_selection_with_scores_far_from_normal(vector_path, keep_ratio, shape):

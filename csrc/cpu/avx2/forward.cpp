@@ -19,6 +19,7 @@
 // index, NaN last) is the same.
 #include <immintrin.h>
 
+#include <cstdint>
 #include <new>
 
 #include "../kernels.h"
@@ -69,15 +70,21 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
 
   load_logits(g, products, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads,
               static_cast<float>(fp.p.scale), Mirror::kDiagonalBlocks, ws);
-  // Value rows of a whole number of vectors with unit column stride are read where they
-  // are, and output rows written in place: A·V reads only kept rows of V and writes whole
-  // rows, so the gather and the copy back (a few % of the call) are not needed.
-  const bool in_place = g.dv == g.dvp && fp.v_stride[3] == 1;
+  // Output rows of a whole number of vectors are written in place, and value rows with unit
+  // column stride read where they are: A·V reads only kept rows of V and writes whole rows,
+  // so the gather and the copy back (a few % of the call) are not needed. Unless V's rows
+  // are off the 64-byte lines that the gathered copy's rows start on: A·V is bound by its
+  // loads of V, and a vector load across two lines made it 45% slower (the forward 14%
+  // slower with V 16 bytes off, AMD EPYC), far more than the gather costs.
+  const bool out_in_place = g.dv == g.dvp;
+  const float* v_pair = static_cast<const float*>(fp.v) + (pair / fp.p.heads) * fp.v_stride[0] +
+                        (pair % fp.p.heads) * fp.v_stride[1];
+  const bool gathered_on_lines = g.dvp % 16 == 0;
+  const bool v_on_lines = reinterpret_cast<uintptr_t>(v_pair) % 64 == 0 && fp.v_stride[2] % 16 == 0;
   const float* values = ws.v.data;
   int64_t ldv = g.dvp;
-  if (in_place) {
-    values = static_cast<const float*>(fp.v) + (pair / fp.p.heads) * fp.v_stride[0] +
-             (pair % fp.p.heads) * fp.v_stride[1];
+  if (out_in_place && fp.v_stride[3] == 1 && (v_on_lines || !gathered_on_lines)) {
+    values = v_pair;
     ldv = fp.v_stride[2];
   } else {
     gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, g.n, g.dvp, ws.v.data);
@@ -98,11 +105,11 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
                             match, rho, fp.p.fuse, ws.bitmap.data, lse + r0, log_row_sum + r0, alpha))
       return Outcome::kNeedsPortable;
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
-    float* rows_out = in_place ? out + r0 * g.dv : ws.out_row.data;
-    const int64_t ldo = in_place ? g.dv : g.dvp;
+    float* rows_out = out_in_place ? out + r0 * g.dv : ws.out_row.data;
+    const int64_t ldo = out_in_place ? g.dv : g.dvp;
     products.sparse_rows(exps + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp, alpha,
                          rows, ws.lists.data, rows_out, ldo);
-    if (!in_place) copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
+    if (!out_in_place) copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
   }
   return Outcome::kDone;
 }
