@@ -260,8 +260,15 @@ inline __m512i order_key(__m512 s) {
 // per score over the same values, so the same keys bit for bit; a block row of 16 entries
 // is one vector). The logits are read where they are, under masks that give the +0 the
 // AVX2 path's zero-bordered tile holds outside the block, so `tile` is not used.
-avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
-                              float* /*tile*/, int32_t* keys) {
+//
+// kWhole: the block's columns are whole vectors (Ω = 16, 32, 48 or 64 and not the ragged
+// last chunk, so every upper block at the target shape but the last column): no lane is
+// padding, and the masks that keep padding out of the keys and the sums are left out.
+// Scoring is bound by its instruction count (~40 per block row, not the 9-FMA chain):
+// this drops a fifth of it.
+template <bool kWhole>
+avx2::BlockScores score_block_lanes(const float* block, int64_t ld, int64_t rows, int64_t cols,
+                                    const float* score_kernel, int32_t* keys) {
   const int64_t sp = (cols + 7) & ~int64_t{7};  // key row stride
   const __m512 zero = _mm512_setzero_ps();
   __m512 w[9];
@@ -282,7 +289,7 @@ avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int6
       const bool inside = row < rows;
       const float* p = block + row * ld + j;
       taps[0] = inside ? _mm512_maskz_loadu_ps(left, p - 1) : zero;
-      taps[1] = inside ? _mm512_maskz_loadu_ps(centre, p) : zero;
+      taps[1] = inside ? (kWhole ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(centre, p)) : zero;
       taps[2] = inside ? _mm512_maskz_loadu_ps(right, p + 1) : zero;
     };
     __m512 above[3] = {zero, zero, zero}, here[3], below[3];
@@ -302,13 +309,20 @@ avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int6
         above[t] = here[t];
         here[t] = below[t];
       }
-      const __m512i key = _mm512_mask_blend_epi32(real, padding, order_key(s));
-      lowest = _mm512_mask_min_epi32(lowest, real, lowest, key);
-      highest = _mm512_max_epi32(highest, key);
-      s = _mm512_maskz_mov_ps(real, s);
+      if (kWhole) {
+        const __m512i key = order_key(s);
+        lowest = _mm512_min_epi32(lowest, key);
+        highest = _mm512_max_epi32(highest, key);
+        _mm512_storeu_si512(keys + i * sp + j, key);
+      } else {
+        const __m512i key = _mm512_mask_blend_epi32(real, padding, order_key(s));
+        lowest = _mm512_mask_min_epi32(lowest, real, lowest, key);
+        highest = _mm512_max_epi32(highest, key);
+        s = _mm512_maskz_mov_ps(real, s);
+        _mm512_mask_storeu_epi32(keys + i * sp + j, stored, key);
+      }
       sum = _mm512_add_ps(sum, s);
       sum_squares = _mm512_fmadd_ps(s, s, sum_squares);
-      _mm512_mask_storeu_epi32(keys + i * sp + j, stored, key);
     }
   }
   const int64_t rp = (rows + 7) & ~int64_t{7};
@@ -323,6 +337,12 @@ avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int6
   scores.lowest_key = _mm512_reduce_min_epi32(lowest);
   scores.highest_key = _mm512_reduce_max_epi32(highest);
   return scores;
+}
+
+avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
+                              float* /*tile*/, int32_t* keys) {
+  return cols % kLanes == 0 ? score_block_lanes<true>(block, ld, rows, cols, score_kernel, keys)
+                            : score_block_lanes<false>(block, ld, rows, cols, score_kernel, keys);
 }
 
 // avx2::exp256 16 lanes wide: the same operations, so the same values bit for bit.
