@@ -187,7 +187,6 @@ def test_options_scale_kernel_and_strides(vector_path, fuse):
         _check_path(qk, v, block_size=6, keep_ratio=0.6, fuse=fuse, scale=scale, kernel=kernel)
 
 
-
 @pytest.mark.parametrize("dv", [16, 24, 64])
 @pytest.mark.parametrize("offset", [1, 4, 8])
 def test_values_off_cache_lines_give_the_same_output(vector_path, dv, offset):

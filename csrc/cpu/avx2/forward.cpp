@@ -74,7 +74,7 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   // column stride read where they are: A·V reads only kept rows of V and writes whole rows,
   // so the gather and the copy back (a few % of the call) are not needed. Unless V's rows
   // are off the 64-byte lines that the gathered copy's rows start on: A·V is bound by its
-  // loads of V, and a vector load across two lines made it 45% slower (the forward 14%
+  // loads of V, and vector loads across two lines made it ~45% slower (the forward 12–14%
   // slower with V 16 bytes off, AMD EPYC), far more than the gather costs.
   const bool out_in_place = g.dv == g.dvp;
   const float* v_pair = static_cast<const float*>(fp.v) + (pair / fp.p.heads) * fp.v_stride[0] +
