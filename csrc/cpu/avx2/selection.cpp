@@ -118,11 +118,14 @@ BlockRank block_rank(int64_t k, int64_t entries) {
 //
 // First by value, between the smallest and largest key. Scores are smooth and roughly bell
 // shaped, so the first probe is where a normal distribution of their mean and standard
-// deviation puts the k-th largest, the second a Newton step on that model's count; after
-// that, interpolation on the counts within the bracket found so far, with a bisection
-// whenever an interpolation step fails to halve the bracket. Six passes over the keys on
-// average land between the k-th and the (k+1)-th at the target shape (eight from the
-// bracket [min, max] alone). When a score is not finite, or after kValueProbes probes, a
+// deviation puts the k-th largest, the second a Newton step on that model's count from
+// that probe; after that, interpolation on the counts within the bracket found so far,
+// with a bisection whenever an interpolation step fails to halve the bracket. The
+// maximum's own count is taken only if the bracket closes on it (ties at the top reaching
+// k). Five passes over the keys on average land between the k-th and the (k+1)-th at the
+// target shape (6.8 when the maximum was counted first and the Newton step went from the
+// bracket's low end whichever end the first probe had set; eight from the bracket [min,
+// max] alone). When a score is not finite, or after kValueProbes probes, a
 // bisection on the key bits takes over, which bounds the bad cases: in unsigned key space
 // (u = key ^ 2^31), the largest u with ≥ k keys at or above it.
 //
@@ -148,6 +151,8 @@ struct Search {
   double end[2], last_width;
   int64_t end_count[2];
   int step;
+  int last_side;  // the end the last probe replaced
+  bool top_counted;  // hi has been replaced by a counted probe (else it is the maximum, uncounted)
   float candidate;
   bool model;
   double mean, deviation, z, density;
@@ -194,7 +199,7 @@ void next_value_probe(Search& s) {
     t = s.mean + s.z * s.deviation;
   } else if (s.step == 1 && s.model) {
     // Newton on the model's count, from whichever end of the bracket the first probe set.
-    const int moved = c_lo > k ? 0 : 1;
+    const int moved = s.last_side;
     const double probe = s.end[moved], c = static_cast<double>(s.end_count[moved]);
     t = probe + (c - static_cast<double>(k)) * s.deviation / (static_cast<double>(s.real) * s.density);
   } else {
@@ -207,8 +212,12 @@ void next_value_probe(Search& s) {
   float candidate = static_cast<float>(t);
   if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
     candidate = static_cast<float>(lo + (hi - lo) * 0.5);
-    if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi)))
-      return finish(s, key_of(static_cast<float>(lo)), c_lo);
+    if (!(candidate > static_cast<float>(lo) && candidate < static_cast<float>(hi))) {
+      if (s.top_counted) return finish(s, key_of(static_cast<float>(lo)), c_lo);
+      s.phase = Search::kTop;  // lo is the k-th largest unless ties at the maximum reach k
+      s.probe = key_of(static_cast<float>(hi));
+      return;
+    }
   }
   s.candidate = candidate;
   s.probe = key_of(candidate);
@@ -235,25 +244,28 @@ void start_search(Search& s, const int32_t* keys, int64_t count, int64_t real, c
   s.z = rank.z;
   s.density = rank.density;
   s.model = s.deviation > 0.0 && s.density > 0.0 && s.deviation < 1e30;
-  // The first count is at the maximum: it is the k-th largest itself when ties at the
-  // top reach k.
-  s.phase = Search::kTop;
-  s.probe = scores.highest_key;
+  // The maximum's count is not taken first: it is below k unless ties at the top reach k,
+  // which only a bracket closing on it can tell (next_value_probe counts it then).
+  s.end_count[1] = 0;
+  s.top_counted = false;
+  s.last_side = 0;
+  s.phase = Search::kValue;
+  next_value_probe(s);
 }
 
 // Moves the search on by the count of keys at or above its probe.
 void advance(Search& s, int64_t c) {
   switch (s.phase) {
-    case Search::kTop:
-      s.end_count[1] = c;
+    case Search::kTop:  // the maximum, counted once the bracket closed on it
       if (c >= s.k) return finish(s, s.probe, c);
-      s.phase = Search::kValue;
-      return next_value_probe(s);
+      return finish(s, key_of(static_cast<float>(s.end[0])), s.end_count[0]);
     case Search::kValue: {
       if (c == s.k) return finish(s, s.probe, c);
       const int side = c > s.k ? 0 : 1;  // the probe becomes lo or hi
       s.end[side] = s.candidate;
       s.end_count[side] = c;
+      s.last_side = side;
+      s.top_counted |= side == 1;
       ++s.step;
       return next_value_probe(s);
     }
