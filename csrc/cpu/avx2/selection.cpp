@@ -123,11 +123,10 @@ BlockRank block_rank(int64_t k, int64_t entries) {
 // with a bisection whenever an interpolation step fails to halve the bracket. The
 // maximum's own count is taken only if the bracket closes on it (ties at the top reaching
 // k). Five passes over the keys on average land between the k-th and the (k+1)-th at the
-// target shape (6.8 when the maximum was counted first and the Newton step went from the
-// bracket's low end whichever end the first probe had set; eight from the bracket [min,
-// max] alone). When a score is not finite, or after kValueProbes probes, a
-// bisection on the key bits takes over, which bounds the bad cases: in unsigned key space
-// (u = key ^ 2^31), the largest u with ≥ k keys at or above it.
+// target shape (eight from the bracket [min, max] alone). When a score is not finite, or
+// after kValueProbes probes, a bisection on the key bits takes over, which bounds the bad
+// cases: in unsigned key space (u = key ^ 2^31), the largest u with ≥ k keys at or above
+// it.
 //
 // Either stops as soon as a threshold splits off exactly k keys. When done, `threshold` is
 // either a key with exactly k keys at or above it (at_least = k), or the k-th largest key
@@ -143,9 +142,11 @@ struct Search {
   const int32_t* keys;
   int64_t count, real, k;  // keys with the padding, without, and how many to keep
   // By value: the bracket [lo, hi] = [end[0], end[1]] with count(≥ lo) = c_lo ≥ k and
-  // count(≥ hi) = c_hi, < k unless lo = hi, in end_count[0] and [1]. Arrays, so that a
-  // count picks the end it replaces by an index: which end is a coin toss, and a branch
-  // on it (mispredicted half the time) made the mask stage ~10% slower.
+  // count(≥ hi) = c_hi, < k unless lo = hi, in end_count[0] and [1]; while hi is still the
+  // uncounted maximum (!top_counted), c_hi is 0 and stands only as the interpolation's
+  // estimate, and closing on hi counts it (kTop). Arrays, so that a count picks the end it
+  // replaces by an index: which end is a coin toss, and a branch on it (mispredicted half
+  // the time) made the mask stage ~10% slower.
   // `candidate` is the value of probe; `model` says whether the normal model (mean,
   // deviation, and the rank's z and density) makes the first two probes.
   double end[2], last_width;
