@@ -12,7 +12,11 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
   float* gram = ws.small.data + 136;  // 64×64
   const float magnitude = __builtin_fabsf(scale);
   const bool from_logits = magnitude >= 0x1p-60f && magnitude <= 0x1p60f;
-  const __m256 vscale = _mm256_set1_ps(scale), eps = _mm256_set1_ps(kCosEps);
+  // Dividing by a power of two is multiplying by its reciprocal, bit for bit, and a vector
+  // division costs several multiplications' throughput (the usual scale, 1/√64, is one).
+  const bool power_of_two = (__builtin_bit_cast(uint32_t, magnitude) & 0x7FFFFFu) == 0;
+  const __m256 vscale = _mm256_set1_ps(scale), inverse = _mm256_set1_ps(1.0f / scale);
+  const __m256 eps = _mm256_set1_ps(kCosEps);
   const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t c = 0; c < g.chunks; ++c) {
@@ -21,7 +25,10 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
       float* ga = gram + a * 64;
       if (from_logits) {
         const float* la = logits + (b0 + a) * g.ld + b0;  // reads past the block stay inside the square
-        for (int64_t b = 0; b < width; b += kLanes) _mm256_storeu_ps(ga + b, _mm256_div_ps(_mm256_loadu_ps(la + b), vscale));
+        if (power_of_two)
+          for (int64_t b = 0; b < width; b += kLanes) _mm256_storeu_ps(ga + b, _mm256_mul_ps(_mm256_loadu_ps(la + b), inverse));
+        else
+          for (int64_t b = 0; b < width; b += kLanes) _mm256_storeu_ps(ga + b, _mm256_div_ps(_mm256_loadu_ps(la + b), vscale));
         norm[a] = __builtin_sqrtf(ga[a]);
       } else {
         const float* xa = x + (b0 + a) * g.dp;
@@ -51,15 +58,15 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
       int64_t best = a;
       float best_cos = -__builtin_inff();
       if (size > 1 && !_mm256_movemask_ps(unordered) && top > -__builtin_inff()) {
-        // The first b reaching the maximum: the portable path's strict comparison.
+        // The first b reaching the maximum: the portable path's strict comparison. All
+        // lanes' hits into one word, not a loop that stops at the first: where the maximum
+        // lies is data, so such a loop's exit is mispredicted about every other row.
         const __m256 vt = _mm256_set1_ps(top);
-        for (int64_t b = 0; b < width; b += kLanes) {
-          const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(cosines + b), vt, _CMP_EQ_OQ));
-          if (hit) {
-            best = b + __builtin_ctz(static_cast<unsigned>(hit));
-            break;
-          }
-        }
+        uint64_t hits = 0;
+        for (int64_t b = 0; b < width; b += kLanes)
+          hits |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(cosines + b), vt, _CMP_EQ_OQ)))
+                  << b;
+        best = __builtin_ctzll(hits);  // top is one of the cosines, so some lane hits
         best_cos = cosines[best];
       } else {
         // NaN or -inf cosines: the portable path's loop, comparison for comparison.
