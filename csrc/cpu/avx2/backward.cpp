@@ -7,6 +7,30 @@
 #include "workspace.h"
 
 namespace bspf::cpu::avx2 {
+namespace {
+
+// D (n×n, row stride ld, n a multiple of 8) becomes scale · (D + Dᵀ), in place: each pair of
+// mirrored 8×8 tiles is read once and written once (a transposed copy and a pass adding it
+// read and wrote the square three times).
+void symmetrize(float* d, int64_t ld, int64_t n, float scale) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t a = 0; a < n; a += 8)
+    for (int64_t b = a; b < n; b += 8) {
+      float* upper = d + a * ld + b;
+      float* lower = d + b * ld + a;
+      __m256 s[8];
+      for (int i = 0; i < 8; ++i) s[i] = _mm256_loadu_ps(lower + i * ld);
+      transpose8_in_registers(s);
+      for (int i = 0; i < 8; ++i) {
+        s[i] = _mm256_mul_ps(vscale, _mm256_add_ps(_mm256_loadu_ps(upper + i * ld), s[i]));
+        _mm256_storeu_ps(upper + i * ld, s[i]);
+      }
+      transpose8_in_registers(s);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(lower + i * ld, s[i]);
+    }
+}
+
+}  // namespace
 
 Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_t pair, Workspace* workspace) {
   Workspace& ws = *workspace;
@@ -30,9 +54,9 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   const int64_t heads = bp.p.heads;
 
   float* probs = ws.logits.data;
-  float* weights = ws.weights.data;  // R, then A = R / Z
-  float* grad = ws.grad.data;        // G Vᵀ, then dR, dP, dL
-  float* work = ws.work.data;        // Aᵀ, then S = scale · (dL + dLᵀ)
+  float* weights = ws.weights.data;  // R (A = R / Z is never formed: 1 / Z scales G's rows instead)
+  float* grad = ws.grad.data;        // G Vᵀ, then dR, dP, dL, S
+  float* work = ws.work.data;        // Rᵀ
 
   load_logits(g, products, static_cast<const float*>(bp.qk), bp.qk_stride, pair, heads, scale, Mirror::kAll, ws);
   gather(static_cast<const float*>(bp.v), bp.v_stride, pair, heads, N, g.dv, ld, g.dvp, ws.v.data);
@@ -42,33 +66,29 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   for (int64_t i = 0; i < N; ++i) probs_row(g, probs + i * ld, lse[i]);
   std::memset(probs + N * ld, 0, sizeof(float) * (ld - N) * ld);
 
-  // A = R / Z, with R rebuilt from P and the saved choices (the forward's own code).
+  // R rebuilt from P and the saved choices (the forward's own code); A = R / Z. Each row's
+  // bitmap lands at its own place, for dR and dV below.
+  uint64_t* bitmaps = ws.bitmap.data;
   float recomputed_z[64];  // the saved Z is used instead, as in the portable path
   for (int64_t m = 0; m < C; ++m)
-    chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, ws.bitmap.data, weights + g.begin(m) * ld,
-                  recomputed_z);
+    chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, bitmaps + g.begin(m) * bitmap_words(g),
+                  weights + g.begin(m) * ld, recomputed_z);
   std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
   float* inv_row_sum = ws.column.data;  // 1 / Z_i (the column is free until dρ below)
   for (int64_t i = 0; i < N; ++i) inv_row_sum[i] = __builtin_expf(-log_row_sum[i]);
-  for (int64_t i = 0; i < N; ++i) {
-    const __m256 inv = _mm256_set1_ps(inv_row_sum[i]);
-    float* a = weights + i * ld;
-    for (int64_t j = 0; j < ld; j += kLanes) _mm256_storeu_ps(a + j, _mm256_mul_ps(inv, _mm256_loadu_ps(a + j)));
-  }
 
   // dA = G Vᵀ (dense: only kept entries are used), then
-  // dR(i, j) = M(i, j) · (dA(i, j) − Σ_k A(i, k) dA(i, k)) / Z_i.
+  // dR(i, j) = M(i, j) · (dA(i, j) − Σ_k A(i, k) dA(i, k)) / Z_i, with Σ_k A(i, k) dA(i, k)
+  // = Σ_k R(i, k) dA(i, k) / Z_i.
   products.gemm(ws.g.data, g.dvp, ws.vt.data, ld, g.dv, grad, ld, ld, ld, 1.0f, /*upper=*/false);
-  uint64_t* bitmaps = ws.bitmap.data;
   for (int64_t i = 0; i < N; ++i) {
-    const float* a = weights + i * ld;
+    const float* r = weights + i * ld;
     float* dr = grad + i * ld;
     __m256 s = _mm256_setzero_ps();
     for (int64_t j = 0; j < ld; j += kLanes)
-      s = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(dr + j), s);
-    const __m256 a_dot_da = _mm256_set1_ps(hsum(s)), inv = _mm256_set1_ps(inv_row_sum[i]);
-    uint64_t* bitmap = bitmaps + i * bitmap_words(g);  // kept for dV below
-    row_bitmap(g, words + i * C, bitmap);
+      s = _mm256_fmadd_ps(_mm256_loadu_ps(r + j), _mm256_loadu_ps(dr + j), s);
+    const __m256 inv = _mm256_set1_ps(inv_row_sum[i]), a_dot_da = _mm256_set1_ps(hsum(s) * inv_row_sum[i]);
+    const uint64_t* bitmap = bitmaps + i * bitmap_words(g);
     for (int64_t j = 0; j < ld; j += kLanes) {
       const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(dr + j), a_dot_da), inv);
       _mm256_storeu_ps(dr + j, _mm256_and_ps(expand_bits(bitmap_byte(bitmap, j)), v));
@@ -76,12 +96,20 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   }
   std::memset(grad + N * ld, 0, sizeof(float) * (ld - N) * ld);
 
-  // dV_j = Σ_i A(i, j) G_i over kept (i, j); M is symmetric, so row j's kept columns are
-  // exactly the i with (i, j) kept, and Aᵀ makes the coefficients contiguous.
+  // dV_j = Σ_i A(i, j) G_i = Σ_i R(i, j) (G_i / Z_i) over kept (i, j): scaling G's rows
+  // costs an N × Dv pass where forming A cost an N × N one. M is symmetric, so row j's kept
+  // columns are exactly the i with (i, j) kept, and Rᵀ makes the coefficients contiguous.
+  // Rows of a whole number of vectors go straight to grad_v, as the forward's output does.
+  for (int64_t i = 0; i < N; ++i) {
+    const __m256 inv = _mm256_set1_ps(inv_row_sum[i]);
+    float* gi = ws.g.data + i * g.dvp;
+    for (int64_t k = 0; k < g.dvp; k += kLanes) _mm256_storeu_ps(gi + k, _mm256_mul_ps(inv, _mm256_loadu_ps(gi + k)));
+  }
   transpose(weights, ld, ld, ld, work, ld);
+  const bool dv_in_place = g.dv == g.dvp;
   products.sparse_rows(work, ld, ws.bitmap.data, bitmap_words(g), ld, ws.g.data, g.dvp, g.dvp, nullptr, N,
-                       ws.lists.data, ws.dv.data, g.dvp);
-  copy_rows(ws.dv.data, g.dvp, N, g.dv, grad_v, g.dv);
+                       ws.lists.data, dv_in_place ? grad_v : ws.dv.data, dv_in_place ? g.dv : g.dvp);
+  if (!dv_in_place) copy_rows(ws.dv.data, g.dvp, N, g.dv, grad_v, g.dv);
 
   // dP = M ⊙ dR plus, on pruned (i, j), ρ_i · H · dR(b(i), j); and dρ_i (SPEC §4).
   // In place: the writes go to pruned entries, the reads to kept ones.
@@ -107,12 +135,9 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   }
 
   // dX = S X with S = scale · (dL + dLᵀ).
-  transpose(grad, ld, ld, ld, work, ld);
-  const __m256 vscale = _mm256_set1_ps(scale);
-  for (int64_t e = 0; e < ld * ld; e += kLanes)
-    _mm256_storeu_ps(work + e, _mm256_mul_ps(vscale, _mm256_add_ps(_mm256_loadu_ps(work + e), _mm256_loadu_ps(grad + e))));
+  symmetrize(grad, ld, ld, scale);
   float* dx = ws.dx.data;
-  products.gemm(work, ld, ws.x.data, g.dp, N, dx, g.dp, ld, g.dp, 1.0f, /*upper=*/false);
+  products.gemm(grad, ld, ws.x.data, g.dp, N, dx, g.dp, ld, g.dp, 1.0f, /*upper=*/false);
 
   // The cosine behind ρ_i = max(cos(x_i, x_b(i)), 0) (SPEC §4, last line).
   const float* x = ws.x.data;

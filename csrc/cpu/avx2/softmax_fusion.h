@@ -66,7 +66,8 @@ inline int64_t bitmap_words(const Geometry& g) { return g.ld / 64 + 1; }
 
 // Rows of chunk m of R = P ⊙ M + F (SPEC §3.8) into `weights` (row r = token begin(m) + r)
 // and their sums Z into row_sum[r] (the backward, from P). Fusion stays inside the chunk
-// (b(i) is in it). Scratch: `bitmaps` holds Ω · bitmap_words(g) words.
+// (b(i) is in it). `bitmaps` (Ω · bitmap_words(g) words) is left holding the rows' kept
+// columns, row r's at bitmaps + r · bitmap_words(g).
 void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint64_t* words, const int32_t* match,
                    const float* rho, bool fuse, uint64_t* bitmaps, float* weights, float* row_sum);
 
