@@ -62,7 +62,8 @@ struct ChunkGrid {
 
 // The path's stages whose speed is set by the vector width: the dense GEMM (logits, and
 // the backward's products), the sparse row products (A·V over kept entries, dV), the
-// scoring of an upper block, and the forward's row work (exps, row sums, fusion).
+// scoring of an upper block, the forward's row work (exps, row sums, fusion) and the
+// backward's probabilities.
 // kProducts computes them 8 lanes wide; avx512::kProducts 16 lanes wide, on CPUs with
 // AVX-512F (dispatch.cpp chooses). Their contracts are in avx2/gemm.h, avx2/selection.h and
 // avx2/softmax_fusion.h.
@@ -78,6 +79,7 @@ struct Products {
   void (*row_sums)(const float* row, int64_t ld, const uint64_t* bitmap, float* total, float* kept);
   float (*fuse_row)(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                     float* target);
+  void (*probs_rows)(float* square, int64_t ld, int64_t n, const float* lse);
 };
 extern const Products kProducts;
 

@@ -63,8 +63,7 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   gather(static_cast<const float*>(bp.grad_out), bp.grad_out_stride, pair, heads, N, g.dv, ld, g.dvp, ws.g.data);
   transpose(ws.v.data, g.dvp, ld, g.dvp, ws.vt.data, ld);
 
-  for (int64_t i = 0; i < N; ++i) probs_row(g, probs + i * ld, lse[i]);
-  std::memset(probs + N * ld, 0, sizeof(float) * (ld - N) * ld);
+  products.probs_rows(probs, ld, N, lse);
 
   // R rebuilt from P and the saved choices (the forward's own code); A = R / Z. Each row's
   // bitmap lands at its own place, for dR and dV below.

@@ -56,13 +56,24 @@ void log_rows(const float* values, int64_t count, float* out) {
 
 constexpr ByteLaneMasks kByteLaneMasks = make_byte_lane_masks();
 
-void probs_row(const Geometry& g, float* row, float lse) {
+namespace {
+
+void probs_row(float* row, int64_t ld, int64_t n, float lse) {
   const __m256 vlse = _mm256_set1_ps(lse), zero = _mm256_setzero_ps();
-  for (int64_t j = 0; j < g.ld; j += kLanes) {
+  for (int64_t j = 0; j < ld; j += kLanes) {
     __m256 p = exp256(_mm256_min_ps(zero, _mm256_sub_ps(_mm256_loadu_ps(row + j), vlse)));
-    if (j + kLanes > g.n) p = _mm256_and_ps(p, lane_mask(g.n - j));
+    if (j + kLanes > n) p = _mm256_and_ps(p, lane_mask(n - j));
     _mm256_storeu_ps(row + j, p);
   }
+}
+
+}  // namespace
+
+void probs_row(const Geometry& g, float* row, float lse) { probs_row(row, g.ld, g.n, lse); }
+
+void probs_rows(float* square, int64_t ld, int64_t n, const float* lse) {
+  for (int64_t i = 0; i < n; ++i) probs_row(square + i * ld, ld, n, lse[i]);
+  std::memset(square + n * ld, 0, sizeof(float) * (ld - n) * ld);
 }
 
 float logit_bound(const Geometry& g, const float* logits) {

@@ -472,8 +472,25 @@ float fuse_row(const avx2::ChunkGrid& g, const uint64_t* wi, const uint64_t* wp,
   return _mm512_reduce_add_ps(_mm512_add_ps(added, added_before));
 }
 
+// avx2::probs_rows 16 lanes wide: the same operations, so the same values bit for bit.
+void probs_rows(float* square, int64_t ld, int64_t n, const float* lse) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < ld; ++i) {
+    float* row = square + i * ld;
+    const __m512 vlse = _mm512_set1_ps(i < n ? lse[i] : 0.0f);
+    for (int64_t j = 0; j < ld; j += kLanes) {
+      const __mmask16 part = lanes_below(ld - j);
+      __m512 p = zero;
+      if (i < n)
+        p = _mm512_maskz_mov_ps(lanes_below(n - j),
+                                exp512(_mm512_min_ps(zero, _mm512_sub_ps(_mm512_maskz_loadu_ps(part, row + j), vlse))));
+      _mm512_mask_storeu_ps(row + j, part, p);
+    }
+  }
+}
+
 }  // namespace
 
-const avx2::Products kProducts = {gemm, sparse_rows, score_block, upper_exps, row_sums, fuse_row};
+const avx2::Products kProducts = {gemm, sparse_rows, score_block, upper_exps, row_sums, fuse_row, probs_rows};
 
 }  // namespace bspf::cpu::avx512
