@@ -70,7 +70,7 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   uint64_t* bitmaps = ws.bitmap.data;
   float recomputed_z[64];  // the saved Z is used instead, as in the portable path
   for (int64_t m = 0; m < C; ++m)
-    chunk_weights(g, m, probs, words, match, rho, bp.p.fuse, bitmaps + g.begin(m) * bitmap_words(g),
+    chunk_weights(g, products, m, probs, words, match, rho, bp.p.fuse, bitmaps + g.begin(m) * bitmap_words(g),
                   weights + g.begin(m) * ld, recomputed_z);
   std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
   float* inv_row_sum = ws.column.data;  // 1 / Z_i (the column is free until dρ below)

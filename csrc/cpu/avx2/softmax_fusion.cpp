@@ -208,8 +208,9 @@ void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) 
   for (; w < count; ++w, next = 0) bitmap[w] = next;
 }
 
-void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint64_t* words, const int32_t* match,
-                   const float* rho, bool fuse, uint64_t* bitmaps, float* weights, float* row_sum) {
+void chunk_weights(const Geometry& g, const Products& products, int64_t m, const float* probs, const uint64_t* words,
+                   const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps, float* weights,
+                   float* row_sum) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
@@ -229,11 +230,12 @@ void chunk_weights(const Geometry& g, int64_t m, const float* probs, const uint6
     row_sum[r] = hsum(sum);
   }
   if (!fuse) return;
+  const ChunkGrid grid = g.grid();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r, target_row = match[i] - r0;
     if (target_row == r || !(rho[i] > 0.0f)) continue;
-    row_sum[target_row] += fuse_row(g.grid(), words + i * g.chunks, words + match[i] * g.chunks, rho[i],
-                                    probs + i * g.ld, weights + target_row * g.ld);
+    row_sum[target_row] += products.fuse_row(grid, words + i * g.chunks, words + match[i] * g.chunks, rho[i],
+                                             probs + i * g.ld, weights + target_row * g.ld);
   }
 }
 
