@@ -135,8 +135,16 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
 
   // dX = S X with S = scale · (dL + dLᵀ).
   symmetrize(grad, ld, ld, scale);
-  float* dx = ws.dx.data;
-  products.gemm(grad, ld, ws.x.data, g.dp, N, dx, g.dp, ld, g.dp, 1.0f, /*upper=*/false);
+  // Rows of a whole number of vectors go straight to grad_qk: the GEMM's 4-row tiles but
+  // the last, ragged one, which goes through the scratch.
+  const bool dx_in_place = g.d == g.dp;
+  float* dx = dx_in_place ? grad_qk : ws.dx.data;
+  const int64_t ldx = g.dp, whole = dx_in_place ? N & ~int64_t{3} : ld;
+  products.gemm(grad, ld, ws.x.data, g.dp, N, dx, ldx, whole, g.dp, 1.0f, /*upper=*/false);
+  if (whole < N) {
+    products.gemm(grad + whole * ld, ld, ws.x.data, g.dp, N, ws.dx.data, g.dp, 4, g.dp, 1.0f, /*upper=*/false);
+    copy_rows(ws.dx.data, g.dp, N - whole, g.d, dx + whole * ldx, ldx);
+  }
 
   // The cosine behind ρ_i = max(cos(x_i, x_b(i)), 0) (SPEC §4, last line).
   const float* x = ws.x.data;
@@ -147,8 +155,8 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
     const float* xq = x + q * g.dp;
     const float nx = __builtin_sqrtf(dot(xi, xi, g.dp)), nq = __builtin_sqrtf(dot(xq, xq, g.dp));
     const float prod = nx * nq, gr = grad_rho[i];
-    float* gi = dx + i * g.dp;
-    float* gq = dx + q * g.dp;
+    float* gi = dx + i * ldx;
+    float* gq = dx + q * ldx;
     if (prod >= kCosEps) {
       const float cos = dot(xi, xq, g.dp) / prod;
       const __m256 a = _mm256_set1_ps(gr / prod), bi = _mm256_set1_ps(gr * cos / (nx * nx)),
@@ -166,7 +174,7 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
       }
     }
   }
-  copy_rows(dx, g.dp, N, g.d, grad_qk, g.d);
+  if (!dx_in_place) copy_rows(dx, g.dp, N, g.d, grad_qk, g.d);
   return Outcome::kDone;
 }
 
