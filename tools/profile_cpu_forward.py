@@ -1,13 +1,15 @@
-"""Where the CPU forward's time goes, by kernel function.
+"""Where the CPU forward's (or backward's) time goes, by kernel function.
 
 Builds the CPU module with its symbols (a wheel's is stripped) into a directory, runs
-one-thread forwards at a shape under `perf record -e cpu-clock` (a software clock: it
-works in a VM without hardware counters), and prints each function's share of the
-samples that fell in the kernels, largest first. The split is what the "where the
-forward's time goes" lines of docs/performance.md quote.
+one-thread forwards (or backwards, on one forward's saved buffers) at a shape under
+`perf record -e cpu-clock` (a software clock: it works in a VM without hardware
+counters), and prints each function's share of the samples that fell in the kernels,
+largest first. The split is what the "where the time goes" lines of
+docs/performance.md quote.
 
     python tools/profile_cpu_forward.py                        # 8,6,197,64, 1500 calls
     python tools/profile_cpu_forward.py --shape 4,12,577,64 --calls 200
+    python tools/profile_cpu_forward.py --backward --calls 800
     BSPF_CPU_CAPABILITY=avx2 python tools/profile_cpu_forward.py --site /tmp/bspf-symbols
 
 Needs perf and the build backend (scikit-build-core, pybind11) in this environment. The
@@ -39,7 +41,7 @@ def build(site: Path) -> None:
     )
 
 
-def run_forwards(site: Path, shape: tuple[int, ...], calls: int) -> None:
+def run_calls(site: Path, shape: tuple[int, ...], calls: int, backward: bool) -> None:
     """The profiled process: bspf_ext from `site`, whatever else is installed. An editable
     install's import hook would win over sys.path, so it is taken out first."""
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
@@ -48,7 +50,7 @@ def run_forwards(site: Path, shape: tuple[int, ...], calls: int) -> None:
     import torch
 
     import bspf_ext
-    from bspf_ext.ops.cpu import forward_cpu
+    from bspf_ext.ops.cpu import _backward_cpu, forward_cpu
     from bspf_ext.ops.geometry import box_score_kernel
 
     if not bspf_ext.__file__.startswith(str(site)):
@@ -57,8 +59,15 @@ def run_forwards(site: Path, shape: tuple[int, ...], calls: int) -> None:
     generator = torch.Generator().manual_seed(0)
     qk, v = (torch.randn(*shape, generator=generator) for _ in range(2))
     kernel = box_score_kernel()
+    scale = shape[-1] ** -0.5
+    if not backward:
+        for _ in range(calls):
+            forward_cpu(qk, v, kernel, 16, 0.5, True, scale)
+        return
+    _, *saved = forward_cpu(qk, v, kernel, 16, 0.5, True, scale)
+    grad_out = torch.randn(*shape, generator=generator)
     for _ in range(calls):
-        forward_cpu(qk, v, kernel, 16, 0.5, True, shape[-1] ** -0.5)
+        _backward_cpu(grad_out, qk, v, *saved, 16, True, scale)
 
 
 def report(data: Path, top: int) -> list[tuple[float, str]]:
@@ -77,7 +86,7 @@ def report(data: Path, top: int) -> list[tuple[float, str]]:
             shares[name] = shares.get(name, 0.0) + float(match.group(1))
     total = sum(shares.values()) or 1.0
     rows = sorted(((100.0 * share / total, name) for name, share in shares.items()), reverse=True)
-    return rows[:top]
+    return [row for row in rows[:top] if row[0] >= 0.05]  # not the bindings' stray samples
 
 
 def main(argv=None) -> int:
@@ -86,13 +95,14 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=1500)
     parser.add_argument("--site", type=Path, default=Path(tempfile.gettempdir()) / "bspf-symbols")
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--run-forwards", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backward", action="store_true", help="profile the backward instead")
+    parser.add_argument("--run-calls", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     if len(shape) != 4 or min(shape) < 1:
         parser.error(f"--shape must be four positive integers B,H,N,D, got {args.shape!r}")
-    if args.run_forwards:
-        run_forwards(args.site, shape, args.calls)
+    if args.run_calls:
+        run_calls(args.site, shape, args.calls, args.backward)
         return 0
 
     if not (args.site / "bspf_ext").is_dir():
@@ -101,11 +111,13 @@ def main(argv=None) -> int:
         data = Path(work) / "perf.data"
         subprocess.run(
             ["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000", "-o", str(data), sys.executable,
-             __file__, "--run-forwards", "--shape", args.shape, "--calls", str(args.calls), "--site", str(args.site)],
+             __file__, "--run-calls", "--shape", args.shape, "--calls", str(args.calls), "--site", str(args.site)]
+            + (["--backward"] if args.backward else []),
             check=True, env=os.environ,
         )
         rows = report(data, args.top)
-    print(f"one-thread forwards at {args.shape}, path {os.environ.get('BSPF_CPU_CAPABILITY', 'default')}; "
+    print(f"one-thread {'backwards' if args.backward else 'forwards'} at {args.shape}, "
+          f"path {os.environ.get('BSPF_CPU_CAPABILITY', 'default')}; "
           "share of the samples in the kernels:")
     for share, name in rows:
         print(f"{share:6.1f}%  {name}")
