@@ -268,6 +268,20 @@ def test_vector_paths_choose_the_same_mask(capability, block_size):
     assert torch.equal(masks["avx2"], masks["avx512"])
 
 
+def test_box_kernel_scores_whose_row_sums_overflow(vector_path):
+    """With all nine weights equal the vector paths sum a score's logits first and weigh the
+    sum once. Logits near 1.3e38 make those sums overflow float32 where the weighted terms do
+    not: such a block must be scored term by term again, not ranked by inf."""
+    gen = torch.Generator().manual_seed(5)
+    qk = 4e18 * (1 + 0.05 * torch.randn(1, 2, 40, 8, generator=gen))
+    logits = qk.double() @ qk.double().transpose(-1, -2)
+    assert torch.isfinite((qk @ qk.transpose(-1, -2))).all()
+    assert (logits[..., :-2, :] + logits[..., 1:-1, :] + logits[..., 2:, :]).max() > torch.finfo(torch.float32).max
+    kernel = reference.box_score_kernel(torch.float32)
+    mask = bspf_ext.block_mask(qk, kernel, block_size=8, keep_ratio=0.5, scale=1.0)
+    assert_mask_near_float64(mask, qk, kernel, block_size=8, keep_ratio=0.5, scale=1.0)
+
+
 def test_block_mask_is_the_forward_mask(vector_path):
     qk, v = _inputs(2, 3, 90, 16, seed=7)
     _, mask, *_ = _forward(qk, v, block_size=8, keep_ratio=0.45)

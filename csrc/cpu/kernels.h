@@ -50,6 +50,28 @@ struct BlockScores {
   double mean, deviation;
 };
 
+// Helpers both vector paths' block scoring use. Internal linkage: a copy compiled into the
+// AVX-512 unit must never be picked by the linker for another (see this namespace's
+// comment above).
+namespace {
+
+// All nine weights of a 3×3 score kernel equal (the box kernel): then a score is the
+// weight times the sum of its nine logits, summed row by row (score_block).
+inline bool uniform_kernel(const float* w) {
+  bool uniform = true;
+  for (int e = 1; e < 9; ++e) uniform &= w[e] == w[0];
+  return uniform;
+}
+
+// Whether a block's scores summed to a finite mean and deviation: the sums a uniform
+// kernel takes first can overflow where the weighted terms would not, and such a block is
+// scored again term by term.
+inline bool finite_scores(const BlockScores& scores) {
+  return scores.mean - scores.mean == 0.0 && scores.deviation - scores.deviation == 0.0;
+}
+
+}  // namespace
+
 // The chunks of a row as the fusion reads them (SPEC §3.1, §3.6): chunk c is the columns
 // [c · omega, c · omega + size), size = omega except for the last of `chunks`, which is
 // `last` wide; similarity_full[p] and similarity_last[p] are H = 1 − p / size for a

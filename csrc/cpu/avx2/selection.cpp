@@ -443,8 +443,14 @@ int64_t select_group(const Geometry& g, const Products& products, const float* l
 
 }  // namespace
 
-BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
-                        float* tile, int32_t* keys) {
+namespace {
+
+// score_block with the kernel term by term, or (`uniform`, all nine weights equal) as
+// w · ((h_above + h_here) + h_below), h a tile row's three neighbours summed, (left +
+// centre) + right, in place in the tile before the scores: 5 operations per score
+// instead of 9 (the AVX-512 scoring does the same operations).
+BlockScores score_block_as(bool uniform, const float* block, int64_t ld, int64_t rows, int64_t cols,
+                           const float* score_kernel, float* tile, int32_t* keys) {
   const int64_t ts = round_up8(cols + 2) + kLanes;  // padded tile row: zero, cols values, zeros
   const int64_t sp = round_up8(cols);               // key row stride
   const __m256 zero = _mm256_setzero_ps();
@@ -459,6 +465,13 @@ BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t co
     _mm256_storeu_ps(t + 1 + cols, zero);  // what the last vector copied past the block
   }
 
+  if (uniform)
+    for (int64_t r = 0; r < rows + 2; ++r)  // left to right: a vector's stores are behind its next reads
+      for (int64_t j = 0; j < sp; j += kLanes) {
+        float* t = tile + r * ts + j;
+        _mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(t), _mm256_loadu_ps(t + 1)),
+                                          _mm256_loadu_ps(t + 2)));
+      }
   __m256 w[9];
   for (int e = 0; e < 9; ++e) w[e] = _mm256_set1_ps(score_kernel[e]);
   const __m256i padding = _mm256_set1_epi32(INT_MIN);  // below every real key
@@ -466,9 +479,16 @@ BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t co
   __m256 sum = zero, sum_squares = zero;  // of the scores: the search's first guess
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < sp; j += kLanes) {
-      __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(tile + i * ts + j));
-      for (int e = 1; e < 9; ++e)
-        s = _mm256_fmadd_ps(w[e], _mm256_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
+      __m256 s;
+      if (uniform) {
+        const float* h = tile + i * ts + j;
+        s = _mm256_mul_ps(w[0], _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(h), _mm256_loadu_ps(h + ts)),
+                                              _mm256_loadu_ps(h + 2 * ts)));
+      } else {
+        s = _mm256_mul_ps(w[0], _mm256_loadu_ps(tile + i * ts + j));
+        for (int e = 1; e < 9; ++e)
+          s = _mm256_fmadd_ps(w[e], _mm256_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
+      }
       __m256i key = order_key(s);
       if (j + kLanes > cols) {
         const __m256 real = lane_mask(cols - j);
@@ -497,6 +517,17 @@ BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t co
   scores.lowest_key = hmin_epi32(lowest);
   scores.highest_key = hmax_epi32(highest);
   return scores;
+}
+
+}  // namespace
+
+BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
+                        float* tile, int32_t* keys) {
+  if (uniform_kernel(score_kernel)) {
+    const BlockScores scores = score_block_as(true, block, ld, rows, cols, score_kernel, tile, keys);
+    if (finite_scores(scores)) return scores;
+  }
+  return score_block_as(false, block, ld, rows, cols, score_kernel, tile, keys);
 }
 
 void compute_mask_words(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,

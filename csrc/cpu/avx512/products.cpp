@@ -311,7 +311,11 @@ inline __m512i order_key(__m512 s) {
 // every upper block but a ragged last column of them): no lane is padding, and the masks
 // that keep padding out of the keys and the sums are left out. Scoring is bound by its
 // instruction count (~40 per block row, not the 9-FMA chain): this took 12–13% off it.
-template <bool kWhole>
+//
+// kUniform: all nine weights equal (the box kernel): w · ((h_above + h_here) + h_below)
+// with h a block row's three reads summed, (left + centre) + right — the AVX2 path's
+// uniform scores, operation for operation (see avx2::score_block).
+template <bool kWhole, bool kUniform>
 avx2::BlockScores score_block_lanes(const float* block, int64_t ld, int64_t rows, int64_t cols,
                                     const float* score_kernel, int32_t* keys) {
   const int64_t sp = (cols + 7) & ~int64_t{7};  // key row stride
@@ -337,22 +341,32 @@ avx2::BlockScores score_block_lanes(const float* block, int64_t ld, int64_t rows
       taps[1] = inside ? (kWhole ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(centre, p)) : zero;
       taps[2] = inside ? _mm512_maskz_loadu_ps(right, p + 1) : zero;
     };
+    auto row_sum = [](const __m512* taps) { return _mm512_add_ps(_mm512_add_ps(taps[0], taps[1]), taps[2]); };
     __m512 above[3] = {zero, zero, zero}, here[3], below[3];
     load_taps(0, here);
+    __m512 sum_above = zero, sum_here = row_sum(here);  // kUniform: the rows' three reads summed
     for (int64_t i = 0; i < rows; ++i) {
       load_taps(i + 1, below);
-      __m512 s = _mm512_mul_ps(w[0], above[0]);  // the kernel's entries in order, as the AVX2 path
-      s = _mm512_fmadd_ps(w[1], above[1], s);
-      s = _mm512_fmadd_ps(w[2], above[2], s);
-      s = _mm512_fmadd_ps(w[3], here[0], s);
-      s = _mm512_fmadd_ps(w[4], here[1], s);
-      s = _mm512_fmadd_ps(w[5], here[2], s);
-      s = _mm512_fmadd_ps(w[6], below[0], s);
-      s = _mm512_fmadd_ps(w[7], below[1], s);
-      s = _mm512_fmadd_ps(w[8], below[2], s);
-      for (int t = 0; t < 3; ++t) {
-        above[t] = here[t];
-        here[t] = below[t];
+      __m512 s;
+      if (kUniform) {
+        const __m512 sum_below = row_sum(below);
+        s = _mm512_mul_ps(w[0], _mm512_add_ps(_mm512_add_ps(sum_above, sum_here), sum_below));
+        sum_above = sum_here;
+        sum_here = sum_below;
+      } else {
+        s = _mm512_mul_ps(w[0], above[0]);  // the kernel's entries in order, as the AVX2 path
+        s = _mm512_fmadd_ps(w[1], above[1], s);
+        s = _mm512_fmadd_ps(w[2], above[2], s);
+        s = _mm512_fmadd_ps(w[3], here[0], s);
+        s = _mm512_fmadd_ps(w[4], here[1], s);
+        s = _mm512_fmadd_ps(w[5], here[2], s);
+        s = _mm512_fmadd_ps(w[6], below[0], s);
+        s = _mm512_fmadd_ps(w[7], below[1], s);
+        s = _mm512_fmadd_ps(w[8], below[2], s);
+        for (int t = 0; t < 3; ++t) {
+          above[t] = here[t];
+          here[t] = below[t];
+        }
       }
       if (kWhole) {
         const __m512i key = order_key(s);
@@ -386,8 +400,14 @@ avx2::BlockScores score_block_lanes(const float* block, int64_t ld, int64_t rows
 
 avx2::BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
                               float* /*tile*/, int32_t* keys) {
-  return cols % kLanes == 0 ? score_block_lanes<true>(block, ld, rows, cols, score_kernel, keys)
-                            : score_block_lanes<false>(block, ld, rows, cols, score_kernel, keys);
+  const bool whole = cols % kLanes == 0;
+  if (avx2::uniform_kernel(score_kernel)) {
+    const avx2::BlockScores scores = whole ? score_block_lanes<true, true>(block, ld, rows, cols, score_kernel, keys)
+                                           : score_block_lanes<false, true>(block, ld, rows, cols, score_kernel, keys);
+    if (avx2::finite_scores(scores)) return scores;
+  }
+  return whole ? score_block_lanes<true, false>(block, ld, rows, cols, score_kernel, keys)
+               : score_block_lanes<false, false>(block, ld, rows, cols, score_kernel, keys);
 }
 
 // avx2::exp256 16 lanes wide: the same operations, so the same values bit for bit.
