@@ -1,6 +1,6 @@
 // The AVX-512 products (kernels.h, avx512::kProducts): the AVX2 path's dense GEMM, sparse
-// row products, block scoring and forward row work (exps, row sums, fusion) computed 16
-// lanes wide, on CPUs with AVX-512F. Everything else of the path is the AVX2 code: the two
+// row products, block scoring, forward row work (exps, row sums, fusion) and the
+// backward's P computed 16 lanes wide, on CPUs with AVX-512F. Everything else of the path is the AVX2 code: the two
 // products are over half of a forward at the target shape and are bound by FMA
 // throughput, which 512-bit vectors double on a CPU with two 512-bit FMA units; a block
 // row of 16 scores, or a chunk of 16 columns, is one vector, and the AVX2 stages beside
