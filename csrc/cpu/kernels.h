@@ -85,7 +85,7 @@ struct ChunkGrid {
 // The path's stages whose speed is set by the vector width: the dense GEMM (logits, and
 // the backward's products), the sparse row products (A·V over kept entries, dV), the
 // scoring of an upper block, the forward's row work (exps, row sums, fusion) and the
-// backward's probabilities.
+// backward's probabilities and fusion terms.
 // kProducts computes them 8 lanes wide; avx512::kProducts 16 lanes wide, on CPUs with
 // AVX-512F (dispatch.cpp chooses). Their contracts are in avx2/gemm.h, avx2/selection.h and
 // avx2/softmax_fusion.h.
@@ -102,6 +102,8 @@ struct Products {
   float (*fuse_row)(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                     float* target);
   void (*probs_rows)(float* square, int64_t ld, int64_t n, const float* lse);
+  float (*fused_grad_row)(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float rho,
+                          const float* probs_i, const float* grad_target, float* grad_i);
 };
 extern const Products kProducts;
 

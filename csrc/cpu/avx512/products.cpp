@@ -509,8 +509,36 @@ void probs_rows(float* square, int64_t ld, int64_t n, const float* lse) {
   }
 }
 
+// avx2::fused_grad_row 16 lanes wide: a chunk of up to 16 columns is one vector under its
+// moved bits (grad_i read and written under them); the same values in grad_i, dρ_i summed
+// in another order.
+float fused_grad_row(const avx2::ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float rho,
+                     const float* probs_i, const float* grad_target, float* grad_i) {
+  __m512 acc = _mm512_setzero_ps(), acc_before = acc;  // two chains of adds
+  const __m512 r = _mm512_set1_ps(rho);
+  const int64_t chunks = g.chunks;
+  for (int64_t c = 0; c < chunks; ++c) {  // no branch on an empty moved set: see fuse_row
+    uint64_t moved = ~wi[c] & wp[c];
+    const bool last = c == chunks - 1;
+    const float* similarity = last ? g.similarity_last : g.similarity_full;
+    const __m512 h = _mm512_set1_ps(similarity[__builtin_popcountll(wi[c] ^ wp[c])]);
+    const int64_t begin = c * g.omega, size = last ? g.last : g.omega;
+    for (int64_t j = begin; j < begin + size; j += kLanes, moved >>= kLanes) {
+      const __mmask16 bits = static_cast<__mmask16>(moved);
+      const __m512 h_gt = _mm512_maskz_mul_ps(bits, h, _mm512_maskz_loadu_ps(bits, grad_target + j));
+      const __m512 gi = _mm512_maskz_loadu_ps(bits, grad_i + j);
+      _mm512_mask_storeu_ps(grad_i + j, bits, _mm512_fmadd_ps(r, h_gt, gi));
+      const __m512 sum = _mm512_fmadd_ps(h_gt, _mm512_maskz_loadu_ps(bits, probs_i + j), acc_before);
+      acc_before = acc;
+      acc = sum;
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc_before));
+}
+
 }  // namespace
 
-const avx2::Products kProducts = {gemm, sparse_rows, score_block, upper_exps, row_sums, fuse_row, probs_rows};
+const avx2::Products kProducts = {gemm,     sparse_rows, score_block, upper_exps,
+                                  row_sums, fuse_row,    probs_rows,  fused_grad_row};
 
 }  // namespace bspf::cpu::avx512
