@@ -117,8 +117,8 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   for (int64_t i = 0; i < N; ++i) {
     const int64_t q = match[i];
     grad_rho[i] = bp.p.fuse && q != i && rho[i] > 0.0f
-                      ? products.fused_grad_row(grid, words + i * C, words + q * C, rho[i], probs + i * ld, grad + q * ld,
-                                       grad + i * ld)
+                      ? products.fused_grad_row(grid, words + i * C, words + q * C, rho[i], probs + i * ld,
+                                                grad + q * ld, grad + i * ld)
                       : 0.0f;
   }
 

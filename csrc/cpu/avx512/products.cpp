@@ -174,8 +174,10 @@ void sparse_rows64(const float* coef, int64_t ldc, const uint64_t* bitmaps, int6
         __m512 p0 = zero, p1 = zero, p2 = zero, p3 = zero, q0 = zero, q1 = zero, q2 = zero, q3 = zero;
         add_own_columns(kept0 & ~kept1, c0, bw0, ldb, a0, a1, a2, a3, p0, p1, p2, p3);
         add_own_columns(kept1 & ~kept0, c1, bw0, ldb, b0, b1, b2, b3, q0, q1, q2, q3);
-        if (two) store_row64(out1, _mm512_set1_ps(last_word && alpha ? alpha[r2] : 1.0f), b0, b1, b2, b3, q0, q1, q2, q3);
-        store_row64(out0, _mm512_set1_ps(last_word && alpha ? alpha[r] : 1.0f), a0, a1, a2, a3, p0, p1, p2, p3);
+        const __m512 scale0 = _mm512_set1_ps(last_word && alpha ? alpha[r] : 1.0f);
+        const __m512 scale1 = _mm512_set1_ps(last_word && alpha ? alpha[r2] : 1.0f);
+        if (two) store_row64(out1, scale1, b0, b1, b2, b3, q0, q1, q2, q3);
+        store_row64(out0, scale0, a0, a1, a2, a3, p0, p1, p2, p3);
       }
     }
   }
