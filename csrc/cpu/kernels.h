@@ -82,6 +82,25 @@ struct ChunkGrid {
   const float* similarity_last;
 };
 
+namespace {  // internal linkage, as the helpers above
+
+// Chunk c of the fusion between row i and b(i) (mask words wi and wp): the columns row i
+// prunes and b(i) keeps, as bits from the chunk's first column; the chunk's H; and where
+// the chunk lies. What fuse_row and fused_grad_row read of each chunk, on either path.
+struct FusionChunk {
+  uint64_t moved;
+  float similarity;
+  int64_t begin, size;
+};
+
+inline FusionChunk fusion_chunk(const ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, int64_t c) {
+  const bool last = c == g.chunks - 1;
+  const float* similarity = last ? g.similarity_last : g.similarity_full;
+  return {~wi[c] & wp[c], similarity[__builtin_popcountll(wi[c] ^ wp[c])], c * g.omega, last ? g.last : g.omega};
+}
+
+}  // namespace
+
 // The path's stages whose speed is set by the vector width: the dense GEMM (logits, and
 // the backward's products), the sparse row products (A·V over kept entries, dV), the
 // scoring of an upper block, the forward's row work (exps, row sums, fusion) and the

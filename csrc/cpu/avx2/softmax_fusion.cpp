@@ -133,13 +133,11 @@ void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total
 float fuse_row(const ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                float* target) {
   __m256 added = _mm256_setzero_ps();
-  const int64_t chunks = g.chunks;
-  for (int64_t c = 0; c < chunks; ++c) {
-    uint64_t moved = ~wi[c] & wp[c];
-    const bool last = c == chunks - 1;
-    const float* similarity = last ? g.similarity_last : g.similarity_full;
-    const __m256 h = _mm256_set1_ps(share * similarity[__builtin_popcountll(wi[c] ^ wp[c])]);
-    const int64_t begin = c * g.omega, size = last ? g.last : g.omega;
+  for (int64_t c = 0; c < g.chunks; ++c) {
+    const FusionChunk chunk = fusion_chunk(g, wi, wp, c);
+    uint64_t moved = chunk.moved;
+    const __m256 h = _mm256_set1_ps(share * chunk.similarity);
+    const int64_t begin = chunk.begin, size = chunk.size;
     for (int64_t j = 0; j < size; j += kLanes, moved >>= 8) {  // a fixed count: predictable
       const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
                                          _mm256_mul_ps(h, _mm256_loadu_ps(source + begin + j)));
@@ -154,14 +152,11 @@ float fused_grad_row(const ChunkGrid& g, const uint64_t* wi, const uint64_t* wp,
                      const float* grad_target, float* grad_i) {
   __m256 acc = _mm256_setzero_ps();
   const __m256 r = _mm256_set1_ps(rho);
-  const int64_t chunks = g.chunks;
-  for (int64_t c = 0; c < chunks; ++c) {  // no branch on an empty moved set: see fuse_row
-    uint64_t moved = ~wi[c] & wp[c];
-    const bool last = c == chunks - 1;
-    const float* similarity = last ? g.similarity_last : g.similarity_full;
-    const __m256 h = _mm256_set1_ps(similarity[__builtin_popcountll(wi[c] ^ wp[c])]);
-    const int64_t begin = c * g.omega, size = last ? g.last : g.omega;
-    for (int64_t j = begin; j < begin + size; j += kLanes, moved >>= 8) {
+  for (int64_t c = 0; c < g.chunks; ++c) {  // no branch on an empty moved set: see fuse_row
+    const FusionChunk chunk = fusion_chunk(g, wi, wp, c);
+    uint64_t moved = chunk.moved;
+    const __m256 h = _mm256_set1_ps(chunk.similarity);
+    for (int64_t j = chunk.begin; j < chunk.begin + chunk.size; j += kLanes, moved >>= 8) {
       const __m256 bits = expand_bits(static_cast<uint32_t>(moved) & 0xFFu);
       const __m256 h_gt = _mm256_mul_ps(h, _mm256_loadu_ps(grad_target + j));
       const __m256 gi = _mm256_loadu_ps(grad_i + j);

@@ -90,6 +90,15 @@ inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, 
     for (int v = 0; v < NV; ++v) store_part<NV>(c + r * ldc, v, last, _mm512_mul_ps(alpha, rows[r][v]));
 }
 
+// c · the 64-wide row at bj added into the 4-vector sum r0..r3.
+__attribute__((always_inline)) inline void add_row64(__m512 c, const float* bj, __m512& r0, __m512& r1, __m512& r2,
+                                                     __m512& r3) {
+  r0 = _mm512_fmadd_ps(c, _mm512_loadu_ps(bj), r0);
+  r1 = _mm512_fmadd_ps(c, _mm512_loadu_ps(bj + 16), r1);
+  r2 = _mm512_fmadd_ps(c, _mm512_loadu_ps(bj + 32), r2);
+  r3 = _mm512_fmadd_ps(c, _mm512_loadu_ps(bj + 48), r3);
+}
+
 // One row's kept columns of one bitmap word (`bits`, columns of B from `b`) added into its
 // 4-vector sums; consecutive columns alternate between the sets e and o, so 8 FMA chains are
 // in flight.
@@ -100,21 +109,11 @@ __attribute__((always_inline)) inline void add_own_columns(uint64_t bits, const 
   while (bits) {
     const int64_t j = __builtin_ctzll(bits);
     bits &= bits - 1;
-    const __m512 s = _mm512_set1_ps(c[j]);
-    const float* bj = b + j * ldb;
-    e0 = _mm512_fmadd_ps(s, _mm512_loadu_ps(bj), e0);
-    e1 = _mm512_fmadd_ps(s, _mm512_loadu_ps(bj + 16), e1);
-    e2 = _mm512_fmadd_ps(s, _mm512_loadu_ps(bj + 32), e2);
-    e3 = _mm512_fmadd_ps(s, _mm512_loadu_ps(bj + 48), e3);
+    add_row64(_mm512_set1_ps(c[j]), b + j * ldb, e0, e1, e2, e3);
     if (!bits) break;
     const int64_t j2 = __builtin_ctzll(bits);
     bits &= bits - 1;
-    const __m512 s2 = _mm512_set1_ps(c[j2]);
-    const float* bj2 = b + j2 * ldb;
-    o0 = _mm512_fmadd_ps(s2, _mm512_loadu_ps(bj2), o0);
-    o1 = _mm512_fmadd_ps(s2, _mm512_loadu_ps(bj2 + 16), o1);
-    o2 = _mm512_fmadd_ps(s2, _mm512_loadu_ps(bj2 + 32), o2);
-    o3 = _mm512_fmadd_ps(s2, _mm512_loadu_ps(bj2 + 48), o3);
+    add_row64(_mm512_set1_ps(c[j2]), b + j2 * ldb, o0, o1, o2, o3);
   }
 }
 
@@ -474,13 +473,11 @@ void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total
 float fuse_row(const avx2::ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                float* target) {
   __m512 added = _mm512_setzero_ps(), added_before = added;  // two chains of adds
-  const int64_t chunks = g.chunks;
-  for (int64_t c = 0; c < chunks; ++c) {
-    uint64_t moved = ~wi[c] & wp[c];
-    const bool last = c == chunks - 1;
-    const float* similarity = last ? g.similarity_last : g.similarity_full;
-    const __m512 h = _mm512_set1_ps(share * similarity[__builtin_popcountll(wi[c] ^ wp[c])]);
-    const int64_t begin = c * g.omega, size = last ? g.last : g.omega;
+  for (int64_t c = 0; c < g.chunks; ++c) {
+    const avx2::FusionChunk chunk = avx2::fusion_chunk(g, wi, wp, c);
+    uint64_t moved = chunk.moved;
+    const __m512 h = _mm512_set1_ps(share * chunk.similarity);
+    const int64_t begin = chunk.begin, size = chunk.size;
     for (int64_t j = 0; j < size; j += kLanes, moved >>= kLanes) {
       const __mmask16 bits = static_cast<__mmask16>(moved);
       float* t = target + begin + j;
@@ -518,14 +515,11 @@ float fused_grad_row(const avx2::ChunkGrid& g, const uint64_t* wi, const uint64_
                      const float* probs_i, const float* grad_target, float* grad_i) {
   __m512 acc = _mm512_setzero_ps(), acc_before = acc;  // two chains of adds
   const __m512 r = _mm512_set1_ps(rho);
-  const int64_t chunks = g.chunks;
-  for (int64_t c = 0; c < chunks; ++c) {  // no branch on an empty moved set: see fuse_row
-    uint64_t moved = ~wi[c] & wp[c];
-    const bool last = c == chunks - 1;
-    const float* similarity = last ? g.similarity_last : g.similarity_full;
-    const __m512 h = _mm512_set1_ps(similarity[__builtin_popcountll(wi[c] ^ wp[c])]);
-    const int64_t begin = c * g.omega, size = last ? g.last : g.omega;
-    for (int64_t j = begin; j < begin + size; j += kLanes, moved >>= kLanes) {
+  for (int64_t c = 0; c < g.chunks; ++c) {  // no branch on an empty moved set: see fuse_row
+    const avx2::FusionChunk chunk = avx2::fusion_chunk(g, wi, wp, c);
+    uint64_t moved = chunk.moved;
+    const __m512 h = _mm512_set1_ps(chunk.similarity);
+    for (int64_t j = chunk.begin; j < chunk.begin + chunk.size; j += kLanes, moved >>= kLanes) {
       const __mmask16 bits = static_cast<__mmask16>(moved);
       const __m512 h_gt = _mm512_maskz_mul_ps(bits, h, _mm512_maskz_loadu_ps(bits, grad_target + j));
       const __m512 gi = _mm512_maskz_loadu_ps(bits, grad_i + j);
