@@ -467,28 +467,39 @@ void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total
   *kept = _mm512_reduce_add_ps(_mm512_add_ps(kept0, kept1));
 }
 
-// avx2::fuse_row 16 lanes wide: a chunk of up to 16 columns is one vector under its moved
-// bits, read and written under them (nothing past the chunk is touched). Like it, no branch
-// skips a chunk with nothing to move.
-float fuse_row(const avx2::ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
-               float* target) {
-  __m512 added = _mm512_setzero_ps(), added_before = added;  // two chains of adds
+// Row i's fusion towards b(i) (mask words wi and wp) a vector at a time: part(bits, h, j)
+// for each vector of a chunk's columns from column j, with bits the vector's moved columns
+// and h the chunk's H times `scale`. A chunk of up to 16 columns is one vector; no branch
+// skips a chunk with nothing to move (see avx2::fuse_row). The grid is taken by value:
+// read through the caller's reference, its fields would be loaded again after each of
+// part's stores, which might alias them.
+template <typename Part>
+__attribute__((always_inline)) inline void fusion_parts(const avx2::ChunkGrid g, const uint64_t* wi,
+                                                        const uint64_t* wp, float scale, Part&& part) {
   for (int64_t c = 0; c < g.chunks; ++c) {
     const avx2::FusionChunk chunk = avx2::fusion_chunk(g, wi, wp, c);
-    uint64_t moved = chunk.moved;
-    const __m512 h = _mm512_set1_ps(share * chunk.similarity);
-    const int64_t begin = chunk.begin, size = chunk.size;
-    for (int64_t j = 0; j < size; j += kLanes, moved >>= kLanes) {
-      const __mmask16 bits = static_cast<__mmask16>(moved);
-      float* t = target + begin + j;
-      const __m512 value = _mm512_maskz_mul_ps(bits, h, _mm512_maskz_loadu_ps(bits, source + begin + j));
-      _mm512_mask_storeu_ps(t, bits, _mm512_add_ps(_mm512_maskz_loadu_ps(bits, t), value));
-      const __m512 sum = _mm512_add_ps(added_before, value);
-      added_before = added;
-      added = sum;
+    const __m512 h = _mm512_set1_ps(scale * chunk.similarity);
+    if (g.omega <= kLanes) {
+      part(_cvtu32_mask16(static_cast<uint32_t>(chunk.moved)), h, chunk.begin);
+      continue;
     }
+    uint64_t moved = chunk.moved;
+    for (int64_t j = 0; j < chunk.size; j += kLanes, moved >>= kLanes)
+      part(_cvtu32_mask16(static_cast<uint32_t>(moved)), h, chunk.begin + j);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(added, added_before));
+}
+
+// avx2::fuse_row 16 lanes wide: the moved columns read and written under their bits
+// (nothing past a chunk is touched).
+float fuse_row(const avx2::ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
+               float* target) {
+  __m512 added = _mm512_setzero_ps();
+  fusion_parts(g, wi, wp, share, [&](__mmask16 bits, __m512 h, int64_t j) {
+    const __m512 value = _mm512_maskz_mul_ps(bits, h, _mm512_maskz_loadu_ps(bits, source + j));
+    _mm512_mask_storeu_ps(target + j, bits, _mm512_add_ps(_mm512_maskz_loadu_ps(bits, target + j), value));
+    added = _mm512_add_ps(added, value);
+  });
+  return _mm512_reduce_add_ps(added);
 }
 
 // avx2::probs_rows 16 lanes wide: the same operations, so the same values bit for bit.
@@ -508,28 +519,18 @@ void probs_rows(float* square, int64_t ld, int64_t n, const float* lse) {
   }
 }
 
-// avx2::fused_grad_row 16 lanes wide: a chunk of up to 16 columns is one vector under its
-// moved bits (grad_i read and written under them); the same values in grad_i, dρ_i summed
-// in another order.
+// avx2::fused_grad_row 16 lanes wide, grad_i read and written under the moved bits: the
+// same values in grad_i, dρ_i summed in another order.
 float fused_grad_row(const avx2::ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float rho,
                      const float* probs_i, const float* grad_target, float* grad_i) {
-  __m512 acc = _mm512_setzero_ps(), acc_before = acc;  // two chains of adds
+  __m512 acc = _mm512_setzero_ps();
   const __m512 r = _mm512_set1_ps(rho);
-  for (int64_t c = 0; c < g.chunks; ++c) {  // no branch on an empty moved set: see fuse_row
-    const avx2::FusionChunk chunk = avx2::fusion_chunk(g, wi, wp, c);
-    uint64_t moved = chunk.moved;
-    const __m512 h = _mm512_set1_ps(chunk.similarity);
-    for (int64_t j = chunk.begin; j < chunk.begin + chunk.size; j += kLanes, moved >>= kLanes) {
-      const __mmask16 bits = static_cast<__mmask16>(moved);
-      const __m512 h_gt = _mm512_maskz_mul_ps(bits, h, _mm512_maskz_loadu_ps(bits, grad_target + j));
-      const __m512 gi = _mm512_maskz_loadu_ps(bits, grad_i + j);
-      _mm512_mask_storeu_ps(grad_i + j, bits, _mm512_fmadd_ps(r, h_gt, gi));
-      const __m512 sum = _mm512_fmadd_ps(h_gt, _mm512_maskz_loadu_ps(bits, probs_i + j), acc_before);
-      acc_before = acc;
-      acc = sum;
-    }
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc_before));
+  fusion_parts(g, wi, wp, 1.0f, [&](__mmask16 bits, __m512 h, int64_t j) {
+    const __m512 h_gt = _mm512_maskz_mul_ps(bits, h, _mm512_maskz_loadu_ps(bits, grad_target + j));
+    _mm512_mask_storeu_ps(grad_i + j, bits, _mm512_fmadd_ps(r, h_gt, _mm512_maskz_loadu_ps(bits, grad_i + j)));
+    acc = _mm512_fmadd_ps(h_gt, _mm512_maskz_loadu_ps(bits, probs_i + j), acc);
+  });
+  return _mm512_reduce_add_ps(acc);
 }
 
 }  // namespace
