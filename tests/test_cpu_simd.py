@@ -282,6 +282,26 @@ def test_box_kernel_scores_whose_row_sums_overflow(vector_path):
     assert_mask_near_float64(mask, qk, kernel, block_size=8, keep_ratio=0.5, scale=1.0)
 
 
+def test_non_finite_scores_rank_as_on_the_portable_path(capability, vector_path):
+    """A NaN or infinite entry of qk makes a row and a column of logits NaN or ±inf, and the
+    scores that read them. The uniform kernel's scoring (all nine weights equal) forms its
+    keys without the NaN → -inf step and counts on such a block being scored again term by
+    term: NaN must still rank last and ±inf where they fall, as on the portable path. The
+    other scores are exact (integer inputs, a power-of-two kernel), so the masks must be
+    equal, ties included."""
+    gen = torch.Generator().manual_seed(3)
+    qk = torch.randint(-2, 3, (1, 3, 45, 8), generator=gen).float()
+    qk[0, 0, 6, 2] = float("nan")
+    qk[0, 1, 20, 5] = float("inf")
+    qk[0, 2, 33, 0] = float("-inf")
+    kernel = torch.full((3, 3), 0.125)
+    masks = {}
+    for path in (vector_path, "scalar"):
+        capability(path)
+        masks[path] = bspf_ext.block_mask(qk, kernel, block_size=8, keep_ratio=0.4, scale=1.0)
+    assert torch.equal(masks[vector_path], masks["scalar"])
+
+
 def test_block_mask_is_the_forward_mask(vector_path):
     qk, v = _inputs(2, 3, 90, 16, seed=7)
     _, mask, *_ = _forward(qk, v, block_size=8, keep_ratio=0.45)

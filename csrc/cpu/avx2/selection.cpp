@@ -14,10 +14,12 @@ namespace bspf::cpu::avx2 {
 namespace {
 
 // Float → int32 whose signed order is the float order; -0 counts as +0 and NaN as -inf
-// (NaN ranks last, as in the portable path).
-inline __m256i order_key(__m256 s) {
+// (NaN ranks last, as in the portable path). nan_last false: for scores whose block is
+// scored again when one is not finite (the uniform kernel's, see score_block), NaN's key is
+// left as it falls.
+inline __m256i order_key(__m256 s, bool nan_last) {
   s = _mm256_add_ps(s, _mm256_setzero_ps());  // -0 + 0 = +0
-  s = _mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), s, _mm256_cmp_ps(s, s, _CMP_ORD_Q));
+  if (nan_last) s = _mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), s, _mm256_cmp_ps(s, s, _CMP_ORD_Q));
   const __m256i bits = _mm256_castps_si256(s);
   const __m256i flip = _mm256_and_si256(_mm256_srai_epi32(bits, 31), _mm256_set1_epi32(0x7FFFFFFF));
   return _mm256_xor_si256(bits, flip);
@@ -489,7 +491,7 @@ BlockScores score_block_as(bool uniform, const float* block, int64_t ld, int64_t
         for (int e = 1; e < 9; ++e)
           s = _mm256_fmadd_ps(w[e], _mm256_loadu_ps(tile + (i + e / 3) * ts + j + e % 3), s);
       }
-      __m256i key = order_key(s);
+      __m256i key = order_key(s, !uniform);
       if (j + kLanes > cols) {
         const __m256 real = lane_mask(cols - j);
         const __m256i real_i = _mm256_castps_si256(real);

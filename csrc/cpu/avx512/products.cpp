@@ -294,10 +294,13 @@ void sparse_rows(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_
 }
 
 // Float → int32 whose signed order is the float order; -0 counts as +0 and NaN as -inf
-// (NaN ranks last): the AVX2 path's order keys, 16 at a time.
+// (NaN ranks last): the AVX2 path's order keys, 16 at a time. kNanLast false: for scores
+// whose block is scored again when one is not finite (the uniform kernel's), NaN's key is
+// left as it falls.
+template <bool kNanLast>
 inline __m512i order_key(__m512 s) {
   s = _mm512_add_ps(s, _mm512_setzero_ps());  // -0 + 0 = +0
-  s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), _mm512_set1_ps(-__builtin_inff()), s);
+  if (kNanLast) s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), _mm512_set1_ps(-__builtin_inff()), s);
   const __m512i bits = _mm512_castps_si512(s);
   const __m512i flip = _mm512_and_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(0x7FFFFFFF));
   return _mm512_xor_si512(bits, flip);
@@ -370,12 +373,12 @@ avx2::BlockScores score_block_lanes(const float* block, int64_t ld, int64_t rows
         }
       }
       if (kWhole) {
-        const __m512i key = order_key(s);
+        const __m512i key = order_key<!kUniform>(s);
         lowest = _mm512_min_epi32(lowest, key);
         highest = _mm512_max_epi32(highest, key);
         _mm512_storeu_si512(keys + i * sp + j, key);
       } else {
-        const __m512i key = _mm512_mask_blend_epi32(real, padding, order_key(s));
+        const __m512i key = _mm512_mask_blend_epi32(real, padding, order_key<!kUniform>(s));
         lowest = _mm512_mask_min_epi32(lowest, real, lowest, key);
         highest = _mm512_max_epi32(highest, key);
         s = _mm512_maskz_mov_ps(real, s);
