@@ -130,8 +130,11 @@ void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total
 // A chunk's last vector reaches past it (into the next chunk, the padding, or for a short
 // last chunk the next row's first columns) with its bits 0 there, so it adds +0 to
 // values ≥ 0 and changes nothing; rows have a vector of slack at the square's end.
-float fuse_row(const ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
+float fuse_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                float* target) {
+  // The grid in a local: the stores into target might alias the caller's, so its fields
+  // would be loaded again for every chunk.
+  const ChunkGrid g = grid;
   __m256 added = _mm256_setzero_ps();
   for (int64_t c = 0; c < g.chunks; ++c) {
     const FusionChunk chunk = fusion_chunk(g, wi, wp, c);
@@ -148,8 +151,9 @@ float fuse_row(const ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float
   return hsum(added);
 }
 
-float fused_grad_row(const ChunkGrid& g, const uint64_t* wi, const uint64_t* wp, float rho, const float* probs_i,
-                     const float* grad_target, float* grad_i) {
+float fused_grad_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float rho,
+                     const float* probs_i, const float* grad_target, float* grad_i) {
+  const ChunkGrid g = grid;  // in a local, as in fuse_row
   __m256 acc = _mm256_setzero_ps();
   const __m256 r = _mm256_set1_ps(rho);
   for (int64_t c = 0; c < g.chunks; ++c) {  // no branch on an empty moved set: see fuse_row
