@@ -179,21 +179,23 @@ void shifted_exps(const Geometry& g, const Products& products, float shift, floa
 
 void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) {
   // The words are filled in registers and stored once each: or-ing into memory chunk by
-  // chunk made every chunk wait on the previous one's store.
-  const int64_t count = bitmap_words(g);
-  if (64 % g.omega == 0) {  // whole chunks per word (block sizes 1, 2, 4, …, 64): no spill
-    const int64_t per_word = 64 / g.omega;
+  // chunk made every chunk wait on the previous one's store. The sizes are read into
+  // locals first: the stores into bitmap might alias g's fields (int64_t and uint64_t
+  // may), which would be loaded again after each.
+  const int64_t count = bitmap_words(g), omega = g.omega, chunks = g.chunks, last = g.last;
+  if ((omega & (omega - 1)) == 0) {  // Ω a power of two (≤ 64): whole chunks per word, no spill
+    const int64_t per_word = 64 >> __builtin_ctzll(static_cast<uint64_t>(omega));  // no division per row
     for (int64_t w = 0, c = 0; w < count; ++w) {
       uint64_t word = 0;
-      for (int64_t t = 0; t < per_word && c < g.chunks; ++t, ++c) word |= row_words[c] << (t * g.omega);
+      for (int64_t t = 0; t < per_word && c < chunks; ++t, ++c) word |= row_words[c] << (t * omega);
       bitmap[w] = word;
     }
     return;
   }
   uint64_t word = 0, next = 0;  // bitmap[w], and what spills into bitmap[w + 1]
   int64_t w = 0;
-  for (int64_t c = 0; c < g.chunks; ++c) {
-    const int64_t at = g.begin(c), shift = at % 64;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t at = c * omega, shift = at % 64, size = c == chunks - 1 ? last : omega;
     if (at / 64 > w) {  // at most one word on: a chunk is at most 64 wide
       bitmap[w++] = word;
       word = next;
@@ -201,7 +203,7 @@ void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) 
     }
     const uint64_t bits = row_words[c];
     word |= bits << shift;
-    if (shift + g.size(c) > 64) next |= bits >> (64 - shift);
+    if (shift + size > 64) next |= bits >> (64 - shift);
   }
   bitmap[w++] = word;
   for (; w < count; ++w, next = 0) bitmap[w] = next;
