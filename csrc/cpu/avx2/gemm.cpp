@@ -202,8 +202,8 @@ void compute_logits(const Geometry& g, const Products& products, const float* x,
   if (mirror == Mirror::kNone) return;
   for (int64_t i = 8; i < g.ld; i += 8) {
     // Rows [i, i + 8) start in the chunk that starts at column `own`; the tiles of columns
-    // [j, j + 8) that end in it or later are those from j = own & ~7 (one division per 8 rows:
-    // a division per tile had been 1–2% of the forward).
+    // [j, j + 8) that end in it or later are those from j = own & ~7: one integer division
+    // per 8 rows, where testing each tile took two.
     const int64_t own = i / g.omega * g.omega;
     for (int64_t j = mirror == Mirror::kAll ? 0 : own & ~int64_t{7}; j < i; j += 8)
       transpose8(logits + j * g.ld + i, g.ld, logits + i * g.ld + j, g.ld);
