@@ -77,12 +77,21 @@ void probs_rows(float* square, int64_t ld, int64_t n, const float* lse) {
 }
 
 float logit_bound(const Geometry& g, const float* logits) {
-  float bound = 0.0f;
-  for (int64_t i = 0; i < g.n; ++i) {
-    const float diagonal = __builtin_fabsf(logits[i * g.ld + i]);
-    bound = diagonal > bound || diagonal != diagonal ? diagonal : bound;
+  // Four diagonal entries per step into four running maxima (one running maximum was a
+  // chain of dependent compares and selects, ~8 cycles per row), and NaN noted aside:
+  // max_ps drops a NaN operand.
+  const int64_t n = g.n, step = g.ld + 1;
+  const __m128 magnitude = _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF));
+  __m128 bound = _mm_setzero_ps(), unordered = bound;
+  auto at = [&](int64_t i) { return i < n ? logits[i * step] : 0.0f; };
+  for (int64_t i = 0; i < n; i += 4) {
+    const __m128 diagonal = _mm_and_ps(magnitude, _mm_setr_ps(at(i), at(i + 1), at(i + 2), at(i + 3)));
+    bound = _mm_max_ps(diagonal, bound);
+    unordered = _mm_or_ps(unordered, _mm_cmpunord_ps(diagonal, diagonal));
   }
-  return bound;
+  if (_mm_movemask_ps(unordered)) return __builtin_nanf("");
+  bound = _mm_max_ps(bound, _mm_movehl_ps(bound, bound));
+  return _mm_cvtss_f32(_mm_max_ss(bound, _mm_shuffle_ps(bound, bound, 1)));
 }
 
 void upper_exps(float* square, int64_t ld, int64_t n, float shift) {
