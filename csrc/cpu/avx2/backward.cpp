@@ -83,10 +83,7 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   for (int64_t i = 0; i < N; ++i) {
     const float* r = weights + i * ld;
     float* dr = grad + i * ld;
-    __m256 s = _mm256_setzero_ps();
-    for (int64_t j = 0; j < ld; j += kLanes)
-      s = _mm256_fmadd_ps(_mm256_loadu_ps(r + j), _mm256_loadu_ps(dr + j), s);
-    const __m256 inv = _mm256_set1_ps(inv_row_sum[i]), a_dot_da = _mm256_set1_ps(hsum(s) * inv_row_sum[i]);
+    const __m256 inv = _mm256_set1_ps(inv_row_sum[i]), a_dot_da = _mm256_set1_ps(dot(r, dr, ld) * inv_row_sum[i]);
     const uint64_t* bitmap = bitmaps + i * bitmap_words(g);
     for (int64_t j = 0; j < ld; j += kLanes) {
       const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(dr + j), a_dot_da), inv);
@@ -126,9 +123,7 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   for (int64_t i = 0; i < N; ++i) {
     const float* p = probs + i * ld;
     float* dl = grad + i * ld;
-    __m256 s = _mm256_setzero_ps();
-    for (int64_t j = 0; j < ld; j += kLanes) s = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(dl + j), s);
-    const __m256 vs = _mm256_set1_ps(hsum(s));
+    const __m256 vs = _mm256_set1_ps(dot(p, dl, ld));
     for (int64_t j = 0; j < ld; j += kLanes)
       _mm256_storeu_ps(dl + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), _mm256_sub_ps(_mm256_loadu_ps(dl + j), vs)));
   }

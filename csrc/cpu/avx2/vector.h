@@ -128,15 +128,24 @@ inline __m256 log256(__m256 x) {
   return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
 }
 
+// Σ a[k] · b[k] over padded_len entries (a multiple of 8) in four chains of FMAs: one chain
+// waits on the FMA latency every 8 entries, which bound the backward's sums over rows of N.
 inline float dot(const float* a, const float* b, int64_t padded_len) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  auto term = [&](int64_t k, __m256 acc) {
+    return _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+  };
   int64_t k = 0;
-  for (; k + 16 <= padded_len; k += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+  for (; k + 32 <= padded_len; k += 32) {
+    acc0 = term(k, acc0);
+    acc1 = term(k + 8, acc1);
+    acc2 = term(k + 16, acc2);
+    acc3 = term(k + 24, acc3);
   }
-  if (k < padded_len) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-  return hsum(_mm256_add_ps(acc0, acc1));
+  if (k < padded_len) acc0 = term(k, acc0);
+  if (k + 8 < padded_len) acc1 = term(k + 8, acc1);
+  if (k + 16 < padded_len) acc2 = term(k + 16, acc2);
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
 
 // An 8×8 tile in registers, row i in r[i], transposed in place.
