@@ -68,10 +68,9 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   // R rebuilt from P and the saved choices (the forward's own code); A = R / Z. Each row's
   // bitmap lands at its own place, for dR and dV below.
   uint64_t* bitmaps = ws.bitmap.data;
-  float recomputed_z[64];  // the saved Z is used instead, as in the portable path
   for (int64_t m = 0; m < C; ++m)
     chunk_weights(g, products, m, probs, words, match, rho, bp.p.fuse, bitmaps + g.begin(m) * bitmap_words(g),
-                  weights + g.begin(m) * ld, recomputed_z);
+                  weights + g.begin(m) * ld);
   std::memset(weights + N * ld, 0, sizeof(float) * (ld - N) * ld);
   float* inv_row_sum = ws.column.data;  // 1 / Z_i (the column is free until dρ below)
   for (int64_t i = 0; i < N; ++i) inv_row_sum[i] = __builtin_expf(-log_row_sum[i]);

@@ -219,8 +219,7 @@ void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) 
 }
 
 void chunk_weights(const Geometry& g, const Products& products, int64_t m, const float* probs, const uint64_t* words,
-                   const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps, float* weights,
-                   float* row_sum) {
+                   const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps, float* weights) {
   const int64_t r0 = g.begin(m), rows = g.size(m), bw = bitmap_words(g);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r;
@@ -228,24 +227,20 @@ void chunk_weights(const Geometry& g, const Products& products, int64_t m, const
     row_bitmap(g, words + i * g.chunks, bitmap);
     const float* p = probs + i * g.ld;
     float* w = weights + r * g.ld;
-    __m256 sum = _mm256_setzero_ps();
     uint64_t bits = 0;
     for (int64_t j = 0; j < g.ld; j += kLanes) {
       if (j % 64 == 0) bits = bitmap[j / 64];
-      const __m256 kept = _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), _mm256_loadu_ps(p + j));
+      _mm256_storeu_ps(w + j, _mm256_and_ps(expand_bits(static_cast<uint32_t>(bits) & 0xFFu), _mm256_loadu_ps(p + j)));
       bits >>= 8;
-      _mm256_storeu_ps(w + j, kept);
-      sum = _mm256_add_ps(sum, kept);
     }
-    row_sum[r] = hsum(sum);
   }
   if (!fuse) return;
   const ChunkGrid grid = g.grid();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r0 + r, target_row = match[i] - r0;
     if (target_row == r || !(rho[i] > 0.0f)) continue;
-    row_sum[target_row] += products.fuse_row(grid, words + i * g.chunks, words + match[i] * g.chunks, rho[i],
-                                             probs + i * g.ld, weights + target_row * g.ld);
+    products.fuse_row(grid, words + i * g.chunks, words + match[i] * g.chunks, rho[i], probs + i * g.ld,
+                      weights + target_row * g.ld);
   }
 }
 

@@ -67,13 +67,13 @@ float fused_grad_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* 
 
 inline int64_t bitmap_words(const Geometry& g) { return g.ld / 64 + 1; }
 
-// Rows of chunk m of R = P ⊙ M + F (SPEC §3.8) into `weights` (row r = token begin(m) + r)
-// and their sums Z into row_sum[r] (the backward, from P). Fusion stays inside the chunk
-// (b(i) is in it). `bitmaps` (Ω · bitmap_words(g) words) is left holding the rows' kept
-// columns, row r's at bitmaps + r · bitmap_words(g).
+// Rows of chunk m of R = P ⊙ M + F (SPEC §3.8) into `weights` (row r = token begin(m) + r),
+// for the backward, from P; their sums are not formed (the backward takes Z from the saved
+// log Z, as the portable path does). Fusion stays inside the chunk (b(i) is in it).
+// `bitmaps` (Ω · bitmap_words(g) words) is left holding the rows' kept columns, row r's at
+// bitmaps + r · bitmap_words(g).
 void chunk_weights(const Geometry& g, const Products& products, int64_t m, const float* probs, const uint64_t* words,
-                   const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps, float* weights,
-                   float* row_sum);
+                   const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps, float* weights);
 
 // The forward's rows of chunk m, in place in E (see shifted_exps). With P_i = E_i / T_i and
 // T_i = Σ_j E_i(j), row i becomes R'_i = T_i · R_i on its kept entries: E_i plus the
