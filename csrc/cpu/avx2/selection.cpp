@@ -191,8 +191,9 @@ void start_bits(Search& s) {
 }
 
 // Sets the next probe of the search by value, or finishes it where lo and hi are adjacent
-// floats (then lo is the k-th largest score).
-void next_value_probe(Search& s) {
+// floats (then lo is the k-th largest score). Inlined into advance(): as a call it was ~3%
+// of the mask stage (a C++ harness over 48 pairs' logits).
+__attribute__((always_inline)) inline void next_value_probe(Search& s) {
   if (s.step == kValueProbes) return start_bits(s);
   const int64_t k = s.k;
   const double lo = s.end[0], hi = s.end[1];
