@@ -27,6 +27,7 @@
 #include "matching.h"
 #include "selection.h"
 #include "softmax_fusion.h"
+#include "stage_clock.h"
 #include "workspace.h"
 
 namespace bspf::cpu::avx2 {
@@ -69,6 +70,7 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   float* log_row_sum = static_cast<float*>(fp.saved.log_row_sum) + pair * g.n;
   float* out = static_cast<float*>(fp.out) + pair * g.n * g.dv;
 
+  BSPF_STAGE(kStageStart);
   load_logits(g, products, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads,
               static_cast<float>(fp.p.scale), Mirror::kDiagonalBlocks, ws);
   // Output rows of a whole number of vectors are written in place, and value rows with unit
@@ -90,8 +92,11 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   } else {
     gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, g.n, g.dvp, ws.v.data);
   }
+  BSPF_STAGE(kStageLogits);  // and V's gather, where it runs
   compute_mask_words(g, products, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws, words);
+  BSPF_STAGE(kStageMask);
   compute_match(g, ws.x.data, ws.logits.data, static_cast<float>(fp.p.scale), ws, match, rho);
+  BSPF_STAGE(kStageMatch);
 
   // E = exp(L − c) with one shift for all rows (symmetric: half the exps), then one chunk
   // of rows at a time while it is in cache: softmax sums, weights with fusion, and A·V
@@ -99,6 +104,7 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   float* exps = ws.logits.data;
   const float shift = logit_bound(g, exps);
   shifted_exps(g, products, shift, exps);
+  BSPF_STAGE(kStageExps);
   for (int64_t m = 0; m < g.chunks; ++m) {
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
@@ -106,11 +112,13 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
                             match, rho, fp.p.fuse, ws.bitmap.data, lse + r0, log_row_sum + r0, alpha))
       return Outcome::kNeedsPortable;
     if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
+    BSPF_STAGE(kStageRows);
     float* rows_out = out_in_place ? out + r0 * g.dv : ws.out_row.data;
     const int64_t ldo = out_in_place ? g.dv : g.dvp;
     products.sparse_rows(exps + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp, alpha,
                          rows, ws.lists.data, rows_out, ldo);
     if (!out_in_place) copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
+    BSPF_STAGE(kStageValues);
   }
   return Outcome::kDone;
 }
