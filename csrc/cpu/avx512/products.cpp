@@ -479,13 +479,16 @@ void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total
 template <typename Part>
 __attribute__((always_inline)) inline void fusion_parts(const avx2::ChunkGrid g, const uint64_t* wi,
                                                         const uint64_t* wp, float scale, Part&& part) {
+  if (g.omega <= kLanes) {  // every chunk one vector: a loop of its own, whose registers hold
+    for (int64_t c = 0; c < g.chunks; ++c) {  // the grid (a shared loop spilled them)
+      const avx2::FusionChunk chunk = avx2::fusion_chunk(g, wi, wp, c);
+      part(_cvtu32_mask16(static_cast<uint32_t>(chunk.moved)), _mm512_set1_ps(scale * chunk.similarity), chunk.begin);
+    }
+    return;
+  }
   for (int64_t c = 0; c < g.chunks; ++c) {
     const avx2::FusionChunk chunk = avx2::fusion_chunk(g, wi, wp, c);
     const __m512 h = _mm512_set1_ps(scale * chunk.similarity);
-    if (g.omega <= kLanes) {
-      part(_cvtu32_mask16(static_cast<uint32_t>(chunk.moved)), h, chunk.begin);
-      continue;
-    }
     uint64_t moved = chunk.moved;
     for (int64_t j = 0; j < chunk.size; j += kLanes, moved >>= kLanes)
       part(_cvtu32_mask16(static_cast<uint32_t>(moved)), h, chunk.begin + j);
