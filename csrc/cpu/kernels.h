@@ -103,8 +103,8 @@ inline FusionChunk fusion_chunk(const ChunkGrid& g, const uint64_t* wi, const ui
 
 // The path's stages whose speed is set by the vector width: the dense GEMM (logits, and
 // the backward's products), the sparse row products (A·V over kept entries, dV), the
-// scoring of an upper block, the forward's row work (exps, row sums, fusion) and the
-// backward's probabilities and fusion terms.
+// scoring of an upper block and its mask words once searched, the forward's row work
+// (exps, row sums, fusion) and the backward's probabilities and fusion terms.
 // kProducts computes them 8 lanes wide; avx512::kProducts 16 lanes wide, on CPUs with
 // AVX-512F (dispatch.cpp chooses). Their contracts are in avx2/gemm.h, avx2/selection.h and
 // avx2/softmax_fusion.h.
@@ -116,6 +116,8 @@ struct Products {
                       float* out, int64_t ldo);
   BlockScores (*score_block)(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
                              float* tile, int32_t* keys);
+  void (*kept_words)(const int32_t* keys, int64_t rows, int64_t cols, int32_t threshold, uint64_t* upper,
+                     uint64_t* lower, int64_t stride);
   void (*upper_exps)(float* square, int64_t ld, int64_t n, float shift);
   void (*row_sums)(const float* row, int64_t ld, const uint64_t* bitmap, float* total, float* kept);
   float (*fuse_row)(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,

@@ -39,8 +39,8 @@ bool reserve_forward(const Geometry& g, Workspace& ws) {
          ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
 }
 
-const Products kProducts = {gemm,     sparse_rows, score_block, upper_exps,
-                             row_sums, fuse_row,    probs_rows,  fused_grad_row};
+const Products kProducts = {gemm,     sparse_rows, score_block,   kept_words,
+                             upper_exps, row_sums, fuse_row,    probs_rows, fused_grad_row};
 
 Workspace* create_workspace() { return new (std::nothrow) Workspace(); }
 

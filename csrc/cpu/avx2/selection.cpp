@@ -323,30 +323,13 @@ struct KeptBits {
   alignas(32) uint8_t byte[8][64];
 };
 
-// The kept entries of a searched block (§3.3): the keys above the k-th largest, and among
-// keys equal to it the first ones in row-major order.
-void kept_bits(const Search& s, int64_t rows, int64_t cols, KeptBits& kept) {
+// The kept entries of a searched block whose k-th largest key `threshold` is tied (more
+// than k keys ≥ it, §3.3): the keys above it, then among keys equal to it the first ones
+// in row-major order.
+void kept_bits_with_ties(const Search& s, int64_t rows, int64_t cols, KeptBits& kept) {
   const int64_t groups = round_up8(cols) / kLanes, sp = groups * kLanes;  // sp: key row stride
   const int32_t* keys = s.keys;
   auto mask_of = [](__m256i lanes) { return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(lanes))); };
-  if (s.at_least == s.k) {
-    // Exactly the keys ≥ threshold (> INT_MIN, so padding never counts). Each compare's
-    // mask is one byte of both layouts; the last group first, so a row word takes it with
-    // a constant shift.
-    const __m256i below = _mm256_set1_epi32(s.threshold - 1);
-    for (int64_t i = 0; i < rows; ++i) {
-      uint64_t bits = 0;
-      for (int64_t g = groups - 1; g >= 0; --g) {
-        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + g * kLanes));
-        const uint32_t byte = mask_of(_mm256_cmpgt_epi32(key, below));
-        kept.byte[g][i] = static_cast<uint8_t>(byte);
-        bits = bits << 8 | byte;
-      }
-      kept.row[i] = bits;
-    }
-    return;
-  }
-  // Ties at the k-th key: keys above it, then equal ones in row-major order.
   // #(key > threshold) = #(key ≥ threshold + 1); threshold < INT_MAX since it is a real key.
   const __m256i t = _mm256_set1_epi32(s.threshold);
   int64_t need = s.k - count_at_least(keys, s.count, s.threshold + 1);
@@ -363,6 +346,24 @@ void kept_bits(const Search& s, int64_t rows, int64_t cols, KeptBits& kept) {
     }
     kept.row[i] = greater;
     for (int64_t g = 0; g < groups; ++g, greater >>= 8) kept.byte[g][i] = static_cast<uint8_t>(greater);
+  }
+}
+
+// Exactly the keys ≥ threshold (> INT_MIN, so padding never counts). Each compare's mask
+// is one byte of both layouts; the last group first, so a row word takes it with a
+// constant shift.
+void kept_bits(const int32_t* keys, int64_t rows, int64_t cols, int32_t threshold, KeptBits& kept) {
+  const int64_t groups = round_up8(cols) / kLanes, sp = groups * kLanes;  // sp: key row stride
+  const __m256i below = _mm256_set1_epi32(threshold - 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    uint64_t bits = 0;
+    for (int64_t g = groups - 1; g >= 0; --g) {
+      const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i * sp + g * kLanes));
+      const uint32_t byte = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, below))));
+      kept.byte[g][i] = static_cast<uint8_t>(byte);
+      bits = bits << 8 | byte;
+    }
+    kept.row[i] = bits;
   }
 }
 
@@ -436,15 +437,30 @@ int64_t select_group(const Geometry& g, const Products& products, const float* l
   KeptBits kept;
   uint64_t col_bits[64];
   for (int b = 0; b < n; ++b) {
-    const int64_t cols = g.size(block_column[b]);
-    kept_bits(searches[b], rows, cols, kept);
+    const Search& s = searches[b];
+    const int64_t column = block_column[b], cols = g.size(column);
+    if (s.at_least == s.k) {  // the usual case: the kept entries are exactly the keys ≥ threshold
+      products.kept_words(s.keys, rows, cols, s.threshold, words + r0 * C + column, words + g.begin(column) * C + m, C);
+      continue;
+    }
+    kept_bits_with_ties(s, rows, cols, kept);
     transpose_bits(kept, rows, cols, col_bits);
-    write_block(g, m, block_column[b], kept.row, col_bits, words);
+    write_block(g, m, column, kept.row, col_bits, words);
   }
   return bn;
 }
 
 }  // namespace
+
+void kept_words(const int32_t* keys, int64_t rows, int64_t cols, int32_t threshold, uint64_t* upper, uint64_t* lower,
+                int64_t stride) {
+  KeptBits kept;
+  uint64_t col_bits[64];
+  kept_bits(keys, rows, cols, threshold, kept);
+  transpose_bits(kept, rows, cols, col_bits);
+  for (int64_t i = 0; i < rows; ++i) upper[i * stride] = kept.row[i];
+  for (int64_t j = 0; j < cols; ++j) lower[j * stride] = col_bits[j];
+}
 
 namespace {
 

@@ -24,4 +24,11 @@ void compute_mask_words(const Geometry& g, const Products& products, const float
 BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t cols, const float* score_kernel,
                         float* tile, int32_t* keys);
 
+// The mask words of a searched upper block (rows × cols, keys as score_block lays them
+// out) whose kept entries are exactly its keys ≥ threshold (no tie at its k-th key): row
+// i's bits to upper[i · stride] and column j's, the mirrored block's row j, to
+// lower[j · stride].
+void kept_words(const int32_t* keys, int64_t rows, int64_t cols, int32_t threshold, uint64_t* upper, uint64_t* lower,
+                int64_t stride);
+
 }  // namespace bspf::cpu::avx2
