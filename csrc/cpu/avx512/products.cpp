@@ -428,16 +428,16 @@ void kept_words(const int32_t* keys, int64_t rows, int64_t cols, int32_t thresho
     // Rows [begin, end), at most 32, into bit i − begin of each column's 32-bit lane; their
     // row words take this slice's bits.
     auto column_words = [&](int64_t begin, int64_t end) {
-      __m512i words = _mm512_setzero_si512(), bit = _mm512_set1_epi32(1);
+      __m512i columns = _mm512_setzero_si512(), bit = _mm512_set1_epi32(1);
       for (int64_t i = begin; i < end; ++i) {
         const __mmask16 kept =
             _mm512_mask_cmpge_epi32_mask(lanes, _mm512_maskz_loadu_epi32(lanes, keys + i * sp + j0), t);
         const uint64_t part = uint64_t{_cvtmask16_u32(kept)} << j0;
         upper[i * stride] = j0 == 0 ? part : upper[i * stride] | part;
-        words = _mm512_mask_or_epi32(words, kept, words, bit);
+        columns = _mm512_mask_or_epi32(columns, kept, columns, bit);
         bit = _mm512_slli_epi32(bit, 1);
       }
-      return words;
+      return columns;
     };
     alignas(64) uint32_t low[16], high[16];
     _mm512_store_si512(low, column_words(0, min64(rows, 32)));
