@@ -3,8 +3,9 @@
 //
 // One file per stage: vector.h (vector helpers), workspace.h (geometry, scratch),
 // gemm (logits and the sparse A·V products), selection (the keep mask), matching (b(i), ρ),
-// softmax_fusion (exps, fused rows, sums), this file (the forward and mask of a pair) and
-// backward.cpp. Every file here is compiled with -mavx2 -mfma only, and the path is chosen
+// softmax_fusion (exps, fused rows, sums), this file (the forward and mask of a pair),
+// backward.cpp, and stage_clock.h (the marks between the forward's stages that
+// tools/profile_cpu_stages.py compiles in). Every file here is compiled with -mavx2 -mfma only, and the path is chosen
 // at run time by dispatch.cpp. To keep the portable path safe on CPUs without AVX2 these
 // files share no inline function or template with the portable translation units: what
 // they define lives in bspf::cpu::avx2 (so the linker can merge an inline helper only with
