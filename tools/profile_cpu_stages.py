@@ -41,7 +41,7 @@ HARNESS = ROOT / "tools" / "cpu_stages.cpp"
 # The AVX2 path's translation units the forward needs, and the flags CMake gives them
 # (cmake/CompilerFlags.cmake, cmake/SimdFlags.cmake).
 AVX2_SOURCES = ["forward", "gemm", "matching", "selection", "softmax_fusion"]
-COMMON_FLAGS = ["-O3", "-std=c++17", "-DBSPF_STAGE_TIMES", "-fno-math-errno"]
+COMMON_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fPIC", "-DBSPF_STAGE_TIMES"]  # codegen as the package's
 
 
 def cpu_has(flag: str) -> bool:
