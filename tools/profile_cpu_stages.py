@@ -38,10 +38,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tools" / "cpu_stages.cpp"
-# The AVX2 path's translation units the forward needs, and the flags CMake gives them
-# (cmake/CompilerFlags.cmake, cmake/SimdFlags.cmake).
+# The AVX2 path's translation units the forward needs, and the flags of the package's
+# build that shape their code (cmake/CompilerFlags.cmake, cmake/SimdFlags.cmake; -fPIC as
+# for the extension module; its warnings are left out).
 AVX2_SOURCES = ["forward", "gemm", "matching", "selection", "softmax_fusion"]
-COMMON_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fPIC", "-DBSPF_STAGE_TIMES"]  # codegen as the package's
+COMMON_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fPIC", "-DBSPF_STAGE_TIMES"]
 
 
 def cpu_has(flag: str) -> bool:
