@@ -385,14 +385,19 @@ void transpose_bits(const KeptBits& kept, int64_t rows, int64_t cols, uint64_t* 
   }
 }
 
+// A block's row words to upper[i · stride], and its columns', the mirrored block's rows, to
+// lower[j · stride].
+void write_words(const uint64_t* row_bits, int64_t rows, const uint64_t* col_bits, int64_t cols, uint64_t* upper,
+                 uint64_t* lower, int64_t stride) {
+  for (int64_t i = 0; i < rows; ++i) upper[i * stride] = row_bits[i];
+  for (int64_t j = 0; j < cols; ++j) lower[j * stride] = col_bits[j];
+}
+
 // Upper block (m, n)'s rows into the pair's mask words, and the mirrored block's (n, m).
 void write_block(const Geometry& g, int64_t m, int64_t n, const uint64_t* row_bits, const uint64_t* col_bits,
                  uint64_t* words) {
-  const int64_t C = g.chunks, rows = g.size(m), cols = g.size(n);
-  uint64_t* upper = words + g.begin(m) * C + n;
-  uint64_t* lower = words + g.begin(n) * C + m;
-  for (int64_t i = 0; i < rows; ++i) upper[i * C] = row_bits[i];
-  for (int64_t j = 0; j < cols; ++j) lower[j * C] = col_bits[j];
+  const int64_t C = g.chunks;
+  write_words(row_bits, g.size(m), col_bits, g.size(n), words + g.begin(m) * C + n, words + g.begin(n) * C + m, C);
 }
 
 // An upper block that keeps everything (k ≥ its entries), and its mirror.
@@ -458,8 +463,7 @@ void kept_words(const int32_t* keys, int64_t rows, int64_t cols, int32_t thresho
   uint64_t col_bits[64];
   kept_bits(keys, rows, cols, threshold, kept);
   transpose_bits(kept, rows, cols, col_bits);
-  for (int64_t i = 0; i < rows; ++i) upper[i * stride] = kept.row[i];
-  for (int64_t j = 0; j < cols; ++j) lower[j * stride] = col_bits[j];
+  write_words(kept.row, rows, col_bits, cols, upper, lower, stride);
 }
 
 namespace {
