@@ -427,6 +427,58 @@ def test_repeated_calls_are_bitwise_identical(vector_path, threads):
         torch.set_num_threads(previous)
 
 
+def _forward_with_threads(threads, *args):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return torch.ops.bspf_ext.forward(*args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+# With fewer (batch, head) pairs than threads, or pairs left over when the threads do not
+# divide them, those pairs are computed by all the threads together (dispatch.cpp,
+# forward_pairs_together: every stage shared out by chunks of rows). The output and every
+# saved buffer must be the bits of one thread per pair. The cases cover chunks that do not
+# fill 8-row bands (Ω = 7, 12), fewer chunks than threads, Dv off the vector width (the
+# output copied back), a strided V (gathered), and more threads than this machine's cores.
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize(
+    "shape, block_size, dv, v_step",
+    [
+        ((1, 1, 197, 64), 16, 64, 1),
+        ((1, 3, 61, 16), 8, 16, 1),
+        ((1, 1, 33, 8), 7, 8, 2),
+        ((2, 1, 100, 40), 12, 20, 1),
+        ((1, 1, 5, 8), 16, 8, 1),
+        ((1, 1, 300, 32), 64, 32, 2),
+    ],
+)
+def test_threads_sharing_a_pair_give_the_bits_of_one_thread(vector_path, threads, shape, block_size, dv, v_step):
+    b, h, n, d = shape
+    qk, _ = random_inputs(b, h, n, d, dtype=torch.float32, seed=n)
+    v = torch.randn(b, h, n, dv * v_step, generator=torch.Generator().manual_seed(n))[..., ::v_step]
+    args = (qk, v, reference.box_score_kernel(torch.float32), block_size, 0.5, True, d**-0.5)
+    alone = _forward_with_threads(1, *args)
+    together = _forward_with_threads(threads, *args)
+    for expected, got in zip(alone, together):
+        assert torch.equal(got, expected)
+
+
+def test_threads_sharing_a_pair_hand_an_extreme_pair_to_the_portable_path(vector_path):
+    # One pair, whose rows need the portable path in float32 (test_extreme_logits.py): the
+    # workers that computed those rows say so, and the pair is computed there once, whole.
+    from test_extreme_logits import extreme_inputs
+
+    qk, v = extreme_inputs(1, 1, 70, 8, max_logit=1e5, dtype=torch.float32)
+    args = (qk, v, reference.box_score_kernel(torch.float32), 16, 0.5, True, 8**-0.5)
+    alone = _forward_with_threads(1, *args)
+    together = _forward_with_threads(2, *args)
+    for expected, got in zip(alone, together):
+        assert torch.equal(got, expected)
+    assert torch.isfinite(together[0]).all()
+
+
 def test_thread_count_does_not_change_results(vector_path):
     qk, v = _inputs(2, 3, 40, 8, seed=12)
     previous = torch.get_num_threads()

@@ -61,6 +61,7 @@ def build(tree: Path, out: Path) -> Path:
     units = [(tree / "csrc" / "cpu" / "avx2" / f"{name}.cpp", ["-mavx2", "-mfma"]) for name in AVX2_SOURCES]
     units.append((tree / "csrc" / "cpu" / "avx512" / "products.cpp", ["-mavx512f", "-mavx2", "-mfma"]))
     units.append((HARNESS, []))  # baseline x86-64, as dispatch.cpp
+    units.append((tree / "csrc" / "cpu" / "parallel.cpp", []))  # the team barrier the forward may wait at
     for source, flags in units:
         obj = out / f"{source.parent.name}_{source.stem}.o"
         jobs.append(subprocess.Popen([cxx, *COMMON_FLAGS, *flags, *include, "-c", str(source), "-o", str(obj)]))
@@ -68,7 +69,7 @@ def build(tree: Path, out: Path) -> Path:
     if any(job.wait() != 0 for job in jobs):
         raise SystemExit(f"building the harness against {tree} failed (see above)")
     binary = out / "cpu_stages"
-    subprocess.run([cxx, *objects, "-o", str(binary)], check=True)
+    subprocess.run([cxx, *objects, "-o", str(binary), "-pthread", "-ldl"], check=True)
     return binary
 
 

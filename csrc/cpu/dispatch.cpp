@@ -4,6 +4,7 @@
 // BSPF_CPU_CAPABILITY=scalar|avx2|avx512 forces one (tests use it to compare the paths).
 //
 // Compiled for baseline x86-64 (no -mavx2): it must run, and refuse clearly, on any CPU.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
@@ -99,11 +100,10 @@ WorkspacePool& pool() {
   return instance;
 }
 
-// Runs pair_fn(pair, workspace) for every (b, h) pair on params' threads; each pair is
-// computed start to end by one thread, so results do not depend on scheduling.
+// Runs pair_fn(pair, workspace) for the (b, h) pairs [0, pairs) on params' threads; each
+// pair is computed start to end by one thread, so results do not depend on scheduling.
 template <typename Params, typename PairFn>
-void run_pairs(const Params& params, PairFn&& pair_fn) {
-  const int64_t pairs = params.p.pairs();
+void run_pairs(const Params& params, int64_t pairs, PairFn&& pair_fn) {
   const int32_t workers = worker_count(pairs, params.num_threads);
   std::vector<avx2::Workspace*> workspaces = pool().acquire(workers);
   try {
@@ -115,6 +115,67 @@ void run_pairs(const Params& params, PairFn&& pair_fn) {
     throw;
   }
   pool().release(workspaces);
+}
+
+// The forward of the (batch, head) pairs [first, end), fewer than the threads, by teams of
+// threads (avx2::forward_pair with a team: every stage of a pair shared out by chunks of
+// rows), where one thread per pair would leave the others idle: a batch of one image on a
+// machine with more cores than heads, or the pairs left over when the threads do not
+// divide them. The threads make as many teams as there are pairs (each of the rest goes
+// to no team), but a team has no more workers than half the pair's chunks, so that each
+// worker's share of a stage stays two chunks or more. The results are those of one thread
+// per pair, bit for bit.
+void forward_pairs_together(const ForwardParams& params, const avx2::KeepCounts& keep, const avx2::Products& products,
+                            int64_t first, int64_t end) {
+  const int32_t threads = params.num_threads;
+  std::vector<avx2::Workspace*> workspaces = pool().acquire(threads);
+  for (avx2::Workspace* ws : workspaces) {
+    if (!avx2::reserve_forward(params, ws)) {
+      pool().release(workspaces);
+      throw std::bad_alloc();
+    }
+  }
+  struct Shared {
+    const ForwardParams& params;
+    const avx2::KeepCounts& keep;
+    const avx2::Products& products;
+    const std::vector<avx2::Workspace*>& workspaces;
+    int64_t first, end, largest_team;
+    std::unique_ptr<TeamBarrier[]> barriers;    // one per team
+    std::vector<unsigned char> needs_portable;  // per pair and worker
+  } shared{params,
+           keep,
+           products,
+           workspaces,
+           first,
+           end,
+           std::max<int64_t>(1, params.p.num_chunks() / 2),
+           std::unique_ptr<TeamBarrier[]>(new TeamBarrier[threads]),
+           std::vector<unsigned char>((end - first) * threads, 0)};
+  run_team(threads, [](void* ctx, int32_t worker, int32_t workers) {
+    // From the workers there are (fewer than asked in a nested call): team k of `size`
+    // workers takes pairs first + k, first + k + teams, …
+    Shared& s = *static_cast<Shared*>(ctx);
+    const int64_t pairs = s.end - s.first;
+    const int64_t size = std::max<int64_t>(1, std::min<int64_t>(workers / pairs, s.largest_team));
+    const int64_t teams = std::min<int64_t>(pairs, workers / size);
+    if (worker >= teams * size) return;
+    const int64_t k = worker / size;
+    TeamBarrier* barrier = &s.barriers[k];
+    const avx2::Team team{static_cast<int32_t>(worker % size), static_cast<int32_t>(size), barrier};
+    for (int64_t pair = s.first + k; pair < s.end; pair += teams) {
+      const avx2::Outcome outcome = avx2::forward_pair(s.params, s.keep, s.products, pair, s.workspaces[k * size],
+                                                       s.workspaces[worker], team);
+      s.needs_portable[(pair - s.first) * s.workspaces.size() + worker] = outcome == avx2::Outcome::kNeedsPortable;
+      wait_for_team(barrier, team.workers);  // the team's next pair takes the shared workspace
+    }
+  }, &shared);
+  pool().release(workspaces);
+  for (int64_t pair = first; pair < end; ++pair) {
+    bool portable = false;
+    for (int32_t w = 0; w < threads; ++w) portable |= shared.needs_portable[(pair - first) * threads + w] != 0;
+    if (portable) scalar::forward_one_pair(params, pair);
+  }
 }
 
 avx2::KeepCounts keep_counts(const ForwardParams& params) {
@@ -163,7 +224,7 @@ void mask(const ForwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
-    return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
+    return run_pairs(params, params.p.pairs(), [&](int64_t pair, avx2::Workspace* ws) {
       return avx2::mask_pair(params, keep, *products, pair, ws);
     });
   }
@@ -178,11 +239,19 @@ void forward(const ForwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
-    return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
-      const avx2::Outcome outcome = avx2::forward_pair(params, keep, *products, pair, ws);
-      if (outcome == avx2::Outcome::kNeedsPortable) scalar::forward_one_pair(params, pair);
-      return outcome != avx2::Outcome::kNoMemory;
-    });
+    // Whole rounds of one pair per thread, then the pairs left over, fewer than the
+    // threads, by teams of threads.
+    const int64_t pairs = params.p.pairs(), threads = params.num_threads > 1 ? params.num_threads : 1;
+    const int64_t alone = pairs - pairs % threads;
+    if (alone > 0) {
+      run_pairs(params, alone, [&](int64_t pair, avx2::Workspace* ws) {
+        const avx2::Outcome outcome = avx2::forward_pair(params, keep, *products, pair, ws, ws, avx2::kAlone);
+        if (outcome == avx2::Outcome::kNeedsPortable) scalar::forward_one_pair(params, pair);
+        return outcome != avx2::Outcome::kNoMemory;
+      });
+    }
+    if (alone < pairs) forward_pairs_together(params, keep, *products, alone, pairs);
+    return;
   }
 #else
   capability();
@@ -194,7 +263,7 @@ void backward(const BackwardParams& params) {
   validate(params);
 #if defined(BSPF_HAVE_AVX2)
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
-    return run_pairs(params, [&](int64_t pair, avx2::Workspace* ws) {
+    return run_pairs(params, params.p.pairs(), [&](int64_t pair, avx2::Workspace* ws) {
       const avx2::Outcome outcome = avx2::backward_pair(params, *products, pair, ws);
       if (outcome == avx2::Outcome::kNeedsPortable) scalar::backward_one_pair(params, pair);
       return outcome != avx2::Outcome::kNoMemory;

@@ -16,6 +16,13 @@ void forward_one_pair(const ForwardParams& params, int64_t pair);
 void backward_one_pair(const BackwardParams& params, int64_t pair);
 }  // namespace bspf::cpu::scalar
 
+namespace bspf::cpu {
+// Where the workers of one run_team call wait for each other (parallel.h). Defined for
+// baseline x86-64 in parallel.cpp, and called from the AVX2 path through this declaration.
+struct TeamBarrier;
+void wait_for_team(TeamBarrier* barrier, int32_t workers);
+}  // namespace bspf::cpu
+
 // The AVX2+FMA path (float32 only), compiled with -mavx2 -mfma in its own translation
 // unit. It exposes one (batch, head) pair at a time and leaves the thread loop, the
 // scratch pool and every std:: container to dispatch.cpp, which is compiled for
@@ -118,7 +125,7 @@ struct Products {
                              float* tile, int32_t* keys);
   void (*kept_words)(const int32_t* keys, int64_t rows, int64_t cols, int32_t threshold, uint64_t* upper,
                      uint64_t* lower, int64_t stride);
-  void (*upper_exps)(float* square, int64_t ld, int64_t n, float shift);
+  void (*upper_exps)(float* square, int64_t ld, int64_t n, float shift, int64_t row_begin, int64_t row_end);
   void (*row_sums)(const float* row, int64_t ld, const uint64_t* bitmap, float* total, float* kept);
   float (*fuse_row)(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                     float* target);
@@ -133,11 +140,31 @@ extern const Products kProducts;
 // rows' columns, and pruned coefficients must be 0.
 constexpr int64_t kOwnColumnsWidth = 64;
 
+// The workers that compute one pair together (forward_pair): this is worker `worker` of
+// `workers`, and all of them meet at `barrier` between the stages. An aggregate without
+// member initializers, so that no constructor is emitted in both kinds of translation unit.
+struct Team {
+  int32_t worker, workers;
+  TeamBarrier* barrier;
+};
+constexpr Team kAlone = {0, 1, nullptr};  // a pair computed by one thread
+
+// Reserves what forward_pair needs of a workspace for these params; false when the memory
+// could not be allocated.
+bool reserve_forward(const ForwardParams& params, Workspace* workspace);
+
 // Returns false when scratch memory could not be allocated (nothing is written then).
 bool mask_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
                Workspace* workspace);
+// One pair's forward. Alone (kAlone) it reserves `own` and uses it for everything
+// (`shared` is `own`). In a team of several workers, every worker calls it for the same
+// pair with the same `shared` workspace (the pair's X, Xᵀ, V and logits square) and its own
+// `own` (scratch), both reserved beforehand by reserve_forward; each computes its share of
+// every stage, and the results are those of one worker alone, bit for bit. A worker returns
+// kNeedsPortable when a chunk of rows it computed needs the portable path (then the whole
+// pair goes there).
 Outcome forward_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
-                     Workspace* workspace);
+                     Workspace* shared, Workspace* own, const Team& team);
 Outcome backward_pair(const BackwardParams& params, const Products& products, int64_t pair, Workspace* workspace);
 
 }  // namespace bspf::cpu::avx2

@@ -15,12 +15,22 @@
 #include <exception>
 #include <mutex>
 
+#include "kernels.h"
+
 namespace bspf::cpu {
 
-// Runs body(ctx, worker) once on each of `threads` workers (worker 0 is the caller) and
-// returns when all are done. Workers may be fewer than asked (a nested call); every
-// worker index is below `threads`. Defined in parallel.cpp.
-void run_team(int32_t threads, void (*body)(void* ctx, int32_t worker), void* ctx);
+// Runs body(ctx, worker, workers) once on each of `workers` workers (worker 0 is the
+// caller) and returns when all are done. Workers may be fewer than the `threads` asked (a
+// nested call), never more. Defined in parallel.cpp.
+void run_team(int32_t threads, void (*body)(void* ctx, int32_t worker, int32_t workers), void* ctx);
+
+// The workers of one run_team call meet here (wait_for_team, kernels.h): each returns once
+// all `workers` have arrived, and sees what every other wrote before arriving. One barrier
+// serves any number of rounds.
+struct TeamBarrier {
+  std::atomic<int32_t> arrived{0};
+  std::atomic<uint32_t> round{0};
+};
 
 // fn(item, worker) for item in [0, items); worker in [0, threads) indexes per-thread scratch.
 template <typename Fn>
@@ -37,7 +47,7 @@ void parallel_for(int64_t items, int32_t num_threads, Fn&& fn) {
     std::exception_ptr error;
     std::mutex error_lock;
   } shared{fn, items};
-  run_team(static_cast<int32_t>(threads), [](void* ctx, int32_t worker) {
+  run_team(static_cast<int32_t>(threads), [](void* ctx, int32_t worker, int32_t /*workers*/) {
     Shared& s = *static_cast<Shared*>(ctx);
     try {
       for (int64_t i = s.next++; i < s.items; i = s.next++) s.fn(i, worker);

@@ -59,8 +59,8 @@ Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_
   float* work = ws.work.data;        // Rᵀ
 
   load_logits(g, products, static_cast<const float*>(bp.qk), bp.qk_stride, pair, heads, scale, Mirror::kAll, ws);
-  gather(static_cast<const float*>(bp.v), bp.v_stride, pair, heads, N, g.dv, ld, g.dvp, ws.v.data);
-  gather(static_cast<const float*>(bp.grad_out), bp.grad_out_stride, pair, heads, N, g.dv, ld, g.dvp, ws.g.data);
+  gather(static_cast<const float*>(bp.v), bp.v_stride, pair, heads, N, g.dv, 0, ld, g.dvp, ws.v.data);
+  gather(static_cast<const float*>(bp.grad_out), bp.grad_out_stride, pair, heads, N, g.dv, 0, ld, g.dvp, ws.g.data);
   transpose(ws.v.data, g.dvp, ld, g.dvp, ws.vt.data, ld);
 
   products.probs_rows(probs, ld, N, lse);

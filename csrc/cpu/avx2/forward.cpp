@@ -59,21 +59,32 @@ bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& 
   return true;
 }
 
+bool reserve_forward(const ForwardParams& fp, Workspace* workspace) { return reserve_forward(Geometry(fp.p), *workspace); }
+
+namespace {
+
+// Where a team's workers wait for each other between stages; alone, nowhere.
+inline void meet(const Team& team) {
+  if (team.workers > 1) wait_for_team(team.barrier, team.workers);
+}
+
+}  // namespace
+
 Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& products, int64_t pair,
-                     Workspace* workspace) {
-  Workspace& ws = *workspace;
+                     Workspace* shared, Workspace* own, const Team& team) {
+  Workspace& sh = *shared;  // the pair's X, Xᵀ, V and square
+  Workspace& ws = *own;     // this worker's scratch
   const Geometry g(fp.p);
-  if (!reserve_forward(g, ws)) return Outcome::kNoMemory;
+  if (team.workers == 1 && !reserve_forward(g, ws)) return Outcome::kNoMemory;
   uint64_t* words = fp.saved.mask_words + pair * g.n * g.chunks;
   int32_t* match = fp.saved.match + pair * g.n;
   float* rho = static_cast<float*>(fp.saved.rho) + pair * g.n;
   float* lse = static_cast<float*>(fp.saved.lse) + pair * g.n;
   float* log_row_sum = static_cast<float*>(fp.saved.log_row_sum) + pair * g.n;
   float* out = static_cast<float*>(fp.out) + pair * g.n * g.dv;
+  const float scale = static_cast<float>(fp.p.scale);
+  float* square = sh.logits.data;  // L, then E, then the rows' weights
 
-  BSPF_STAGE(kStageStart);
-  load_logits(g, products, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads,
-              static_cast<float>(fp.p.scale), Mirror::kDiagonalBlocks, ws);
   // Output rows of a whole number of vectors are written in place, and value rows with unit
   // column stride read where they are: A·V reads only kept rows of V and writes whole rows,
   // so the gather and the copy back (a few % of the call) are not needed. Unless V's rows
@@ -85,38 +96,63 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
                         (pair % fp.p.heads) * fp.v_stride[1];
   const bool gathered_on_lines = g.dvp % 16 == 0;
   const bool v_on_lines = reinterpret_cast<uintptr_t>(v_pair) % 64 == 0 && fp.v_stride[2] % 16 == 0;
-  const float* values = ws.v.data;
-  int64_t ldv = g.dvp;
-  if (out_in_place && fp.v_stride[3] == 1 && (v_on_lines || !gathered_on_lines)) {
-    values = v_pair;
-    ldv = fp.v_stride[2];
-  } else {
-    gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, g.n, g.dvp, ws.v.data);
-  }
-  BSPF_STAGE(kStageLogits);  // and V's gather, where it runs
-  compute_mask_words(g, products, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws, words);
+  const bool v_in_place = out_in_place && fp.v_stride[3] == 1 && (v_on_lines || !gathered_on_lines);
+  const float* values = v_in_place ? v_pair : sh.v.data;
+  const int64_t ldv = v_in_place ? fp.v_stride[2] : g.dvp;
+
+  // A team shares the pair out by chunks of rows (chunk_share): a worker computes the
+  // stages of its chunks' rows, by chunk or by the row bands of 8 that start in them, so
+  // that most of what a stage reads was written on the same core. A stage that reads what
+  // others wrote in the one before starts after they meet.
+  const int64_t me = team.worker, workers = team.workers;
+  auto my_bands = [&](int64_t from, auto&& body) {
+    for (int64_t i0 = from; i0 < g.ld; i0 += 8)
+      if (workers == 1 || chunk_share(i0 < g.n ? i0 / g.omega : g.chunks - 1, workers) == me) body(i0);
+  };
+
+  BSPF_STAGE(kStageStart);
+  my_bands(0, [&](int64_t i0) {
+    gather_x_band(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, i0, sh.x.data);
+    const int64_t end = i0 + 8 < g.n ? i0 + 8 : g.n;
+    if (!v_in_place)
+      gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, i0, end, g.dvp, sh.v.data);
+    clear_mask_words(g, i0, end, words);
+  });
+  my_bands(0, [&](int64_t i0) { transpose_x_band(g, i0, sh.x.data, sh.xt.data); });
+  meet(team);
+  my_bands(0, [&](int64_t i0) { logits_band(g, products, sh.x.data, sh.xt.data, scale, i0, square); });
+  meet(team);
+  // The exps' one shift for all rows, from L's diagonal, which no stage writes before them.
+  const float shift = logit_bound(g, square);
+  my_bands(8, [&](int64_t i0) { mirror_band(g, Mirror::kDiagonalBlocks, i0, square); });
+  BSPF_STAGE(kStageLogits);  // and V's gather, where it runs, and clearing the mask words
+  select_upper_blocks(g, products, square, static_cast<const float*>(fp.score_kernel), keep, me, workers, ws, words);
   BSPF_STAGE(kStageMask);
-  compute_match(g, ws.x.data, ws.logits.data, static_cast<float>(fp.p.scale), ws, match, rho);
+  meet(team);  // the matching reads the diagonal blocks' mirrored tiles
+  compute_match(g, sh.x.data, square, scale, me, workers, ws, match, rho);
   BSPF_STAGE(kStageMatch);
 
   // E = exp(L − c) with one shift for all rows (symmetric: half the exps), then one chunk
   // of rows at a time while it is in cache: softmax sums, weights with fusion, and A·V
   // over the kept entries only.
-  float* exps = ws.logits.data;
-  const float shift = logit_bound(g, exps);
-  shifted_exps(g, products, shift, exps);
+  meet(team);  // E takes L's place
+  my_bands(0, [&](int64_t i0) { upper_exps_band(g, products, shift, i0, square); });
+  meet(team);
+  my_bands(8, [&](int64_t i0) { mirror_exps_band(g, i0, square); });
+  meet(team);
   BSPF_STAGE(kStageExps);
   for (int64_t m = 0; m < g.chunks; ++m) {
+    if (workers > 1 && chunk_share(m, workers) != me) continue;
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
-    if (!chunk_forward_rows(g, products, m, ws.x.data, ws.xt.data, static_cast<float>(fp.p.scale), shift, exps, words,
-                            match, rho, fp.p.fuse, ws.bitmap.data, lse + r0, log_row_sum + r0, alpha))
+    if (!chunk_forward_rows(g, products, m, sh.x.data, sh.xt.data, scale, shift, square, words, match, rho,
+                            fp.p.fuse, ws.bitmap.data, lse + r0, log_row_sum + r0, alpha))
       return Outcome::kNeedsPortable;
-    if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, exps);
+    if (sparse_rows_reads_pruned(g.dvp)) zero_pruned(g, m, ws.bitmap.data, square);
     BSPF_STAGE(kStageRows);
     float* rows_out = out_in_place ? out + r0 * g.dv : ws.out_row.data;
     const int64_t ldo = out_in_place ? g.dv : g.dvp;
-    products.sparse_rows(exps + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp, alpha,
+    products.sparse_rows(square + r0 * g.ld, g.ld, ws.bitmap.data, bitmap_words(g), g.ld, values, ldv, g.dvp, alpha,
                          rows, ws.lists.data, rows_out, ldo);
     if (!out_in_place) copy_rows(ws.out_row.data, g.dvp, rows, g.dv, out + r0 * g.dv, g.dv);
     BSPF_STAGE(kStageValues);

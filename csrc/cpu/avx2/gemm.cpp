@@ -196,18 +196,28 @@ void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t width, float
   for (int64_t r = 0; r < rows; ++r) copy_exact(src + r * lds, width, dst + r * ldd);
 }
 
+void logits_band(const Geometry& g, const Products& products, const float* x, const float* xt, float scale,
+                 int64_t i0, float* logits) {
+  // Columns from i0 (tiles from i & ~7 = i0 for each of the band's rows): the same tiles as
+  // one GEMM over the whole square, so the same logits bit for bit.
+  products.gemm(x + i0 * g.dp, g.dp, xt + i0, g.ld, g.d, logits + i0 * g.ld + i0, g.ld, 8, g.ld - i0, scale,
+                /*upper=*/true);
+}
+
+void mirror_band(const Geometry& g, Mirror mirror, int64_t i0, float* logits) {
+  if (mirror == Mirror::kNone) return;
+  // Rows [i0, i0 + 8) start in the chunk that starts at column `own`; the tiles of columns
+  // [j, j + 8) that end in it or later are those from j = own & ~7: one integer division
+  // per 8 rows, where testing each tile took two.
+  const int64_t own = i0 / g.omega * g.omega;
+  for (int64_t j = mirror == Mirror::kAll ? 0 : own & ~int64_t{7}; j < i0; j += 8)
+    transpose8(logits + j * g.ld + i0, g.ld, logits + i0 * g.ld + j, g.ld);
+}
+
 void compute_logits(const Geometry& g, const Products& products, const float* x, const float* xt, float scale,
                     Mirror mirror, float* logits) {
-  products.gemm(x, g.dp, xt, g.ld, g.d, logits, g.ld, g.ld, g.ld, scale, /*upper=*/true);
-  if (mirror == Mirror::kNone) return;
-  for (int64_t i = 8; i < g.ld; i += 8) {
-    // Rows [i, i + 8) start in the chunk that starts at column `own`; the tiles of columns
-    // [j, j + 8) that end in it or later are those from j = own & ~7: one integer division
-    // per 8 rows, where testing each tile took two.
-    const int64_t own = i / g.omega * g.omega;
-    for (int64_t j = mirror == Mirror::kAll ? 0 : own & ~int64_t{7}; j < i; j += 8)
-      transpose8(logits + j * g.ld + i, g.ld, logits + i * g.ld + j, g.ld);
-  }
+  for (int64_t i0 = 0; i0 < g.ld; i0 += 8) logits_band(g, products, x, xt, scale, i0, logits);
+  for (int64_t i0 = 8; i0 < g.ld; i0 += 8) mirror_band(g, mirror, i0, logits);
 }
 
 void logit_row(const Geometry& g, const float* x, const float* xt, float scale, int64_t i, float* row) {
@@ -221,10 +231,19 @@ void logit_row(const Geometry& g, const float* x, const float* xt, float scale, 
   }
 }
 
+void gather_x_band(const Geometry& g, const float* qk, const int64_t* stride, int64_t pair, int64_t heads,
+                   int64_t i0, float* x) {
+  gather(qk, stride, pair, heads, g.n, g.d, i0, i0 + 8, g.dp, x);
+}
+
+void transpose_x_band(const Geometry& g, int64_t i0, const float* x, float* xt) {
+  transpose(x + i0 * g.dp, g.dp, 8, g.dp, xt + i0, g.ld);
+}
+
 void load_logits(const Geometry& g, const Products& products, const float* qk, const int64_t* stride, int64_t pair,
                  int64_t heads, float scale, Mirror mirror, Workspace& ws) {
-  gather(qk, stride, pair, heads, g.n, g.d, g.ld, g.dp, ws.x.data);
-  transpose(ws.x.data, g.dp, g.ld, g.dp, ws.xt.data, g.ld);
+  for (int64_t i0 = 0; i0 < g.ld; i0 += 8) gather_x_band(g, qk, stride, pair, heads, i0, ws.x.data);
+  for (int64_t i0 = 0; i0 < g.ld; i0 += 8) transpose_x_band(g, i0, ws.x.data, ws.xt.data);
   compute_logits(g, products, ws.x.data, ws.xt.data, scale, mirror, ws.logits.data);
 }
 

@@ -553,16 +553,32 @@ BlockScores score_block(const float* block, int64_t ld, int64_t rows, int64_t co
   return score_block_as(false, block, ld, rows, cols, score_kernel, tile, keys);
 }
 
-void compute_mask_words(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
-                        const KeepCounts& keep, Workspace& ws, uint64_t* words) {
+void clear_mask_words(const Geometry& g, int64_t row_begin, int64_t row_end, uint64_t* words) {
   const int64_t C = g.chunks;
-  std::memset(words, 0, sizeof(uint64_t) * g.n * C);
-  for (int64_t m = 0; m < C; ++m)
-    for (int64_t i = g.begin(m); i < g.begin(m) + g.size(m); ++i) words[i * C + m] = low_bits(g.size(m));
+  if (row_begin >= row_end) return;
+  std::memset(words + row_begin * C, 0, sizeof(uint64_t) * (row_end - row_begin) * C);
+  for (int64_t m = row_begin / g.omega; m < C && g.begin(m) < row_end; ++m) {
+    const int64_t begin = g.begin(m) > row_begin ? g.begin(m) : row_begin;
+    const int64_t end = g.begin(m) + g.size(m) < row_end ? g.begin(m) + g.size(m) : row_end;
+    for (int64_t i = begin; i < end; ++i) words[i * C + m] = low_bits(g.size(m));
+  }
+}
+
+void select_upper_blocks(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
+                         const KeepCounts& keep, int64_t share, int64_t shares, Workspace& ws, uint64_t* words) {
   // Upper blocks have full rows; their columns are full or the last chunk.
   const BlockRank full = block_rank(keep.full, g.omega * g.omega), tail = block_rank(keep.tail, g.omega * g.last);
-  for (int64_t m = 0; m + 1 < C; ++m)
-    for (int64_t n = m + 1; n < C;) n = select_group(g, products, logits, score_kernel, full, tail, m, n, ws, words);
+  for (int64_t m = 0; m + 1 < g.chunks; ++m) {
+    if (shares > 1 && chunk_share(m, shares) != share) continue;
+    for (int64_t n = m + 1; n < g.chunks;)
+      n = select_group(g, products, logits, score_kernel, full, tail, m, n, ws, words);
+  }
+}
+
+void compute_mask_words(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
+                        const KeepCounts& keep, Workspace& ws, uint64_t* words) {
+  clear_mask_words(g, 0, g.n, words);
+  select_upper_blocks(g, products, logits, score_kernel, keep, 0, 1, ws, words);
 }
 
 }  // namespace bspf::cpu::avx2

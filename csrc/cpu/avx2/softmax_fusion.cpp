@@ -94,9 +94,9 @@ float logit_bound(const Geometry& g, const float* logits) {
   return _mm_cvtss_f32(_mm_max_ss(bound, _mm_shuffle_ps(bound, bound, 1)));
 }
 
-void upper_exps(float* square, int64_t ld, int64_t n, float shift) {
+void upper_exps(float* square, int64_t ld, int64_t n, float shift, int64_t row_begin, int64_t row_end) {
   const __m256 vshift = _mm256_set1_ps(shift);
-  for (int64_t i = 0; i < ld; ++i) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
     float* e = square + i * ld;
     for (int64_t j = i & ~int64_t{7}; j < ld; j += kLanes) {
       __m256 v = _mm256_setzero_ps();
@@ -180,10 +180,12 @@ float fused_grad_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* 
   return hsum(acc);
 }
 
-void shifted_exps(const Geometry& g, const Products& products, float shift, float* square) {
-  products.upper_exps(square, g.ld, g.n, shift);
-  for (int64_t i = 8; i < g.ld; i += 8)
-    for (int64_t j = 0; j < i; j += 8) transpose8(square + j * g.ld + i, g.ld, square + i * g.ld + j, g.ld);
+void upper_exps_band(const Geometry& g, const Products& products, float shift, int64_t i0, float* square) {
+  products.upper_exps(square, g.ld, g.n, shift, i0, i0 + 8);
+}
+
+void mirror_exps_band(const Geometry& g, int64_t i0, float* square) {
+  for (int64_t j = 0; j < i0; j += 8) transpose8(square + j * g.ld + i0, g.ld, square + i0 * g.ld + j, g.ld);
 }
 
 void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap) {

@@ -29,14 +29,17 @@ float logit_bound(const Geometry& g, const float* logits);
 // columns (one square, not two: at N = 577 each is 1.4 MB of a 2 MB L2). With one shift
 // for every row E is symmetric like L: only the upper 8×8 tiles are exponentiated (all
 // that is read of L), the lower ones mirrored, so half the exps of a row-by-row softmax,
-// and no row maxima.
-void shifted_exps(const Geometry& g, const Products& products, float shift, float* square);
+// and no row maxima. By row bands of 8 (the steps a team shares out): band i0's upper
+// tiles, then, once every band's are done, its lower tiles mirrored.
+void upper_exps_band(const Geometry& g, const Products& products, float shift, int64_t i0, float* square);
+void mirror_exps_band(const Geometry& g, int64_t i0, float* square);
 
 // The row work of the forward that products hold (kernels.h), 8 lanes wide here:
 //
-// upper_exps: exp(L − shift) in place on the upper 8×8 tiles of the ld×ld square (row i from
-// column i & ~7 on), 0 in the padding rows (i ≥ n) and columns (j ≥ n).
-void upper_exps(float* square, int64_t ld, int64_t n, float shift);
+// upper_exps: exp(L − shift) in place on the upper 8×8 tiles of rows [row_begin, row_end) of
+// the ld×ld square (row i from column i & ~7 on), 0 in the padding rows (i ≥ n) and columns
+// (j ≥ n).
+void upper_exps(float* square, int64_t ld, int64_t n, float shift, int64_t row_begin, int64_t row_end);
 // row_sums: Σ_j row[j] into *total, and the same sum over the columns set in `bitmap` into
 // *kept, j in [0, ld).
 void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total, float* kept);
@@ -75,7 +78,7 @@ inline int64_t bitmap_words(const Geometry& g) { return g.ld / 64 + 1; }
 void chunk_weights(const Geometry& g, const Products& products, int64_t m, const float* probs, const uint64_t* words,
                    const int32_t* match, const float* rho, bool fuse, uint64_t* bitmaps, float* weights);
 
-// The forward's rows of chunk m, in place in E (see shifted_exps). With P_i = E_i / T_i and
+// The forward's rows of chunk m, in place in E (see upper_exps_band). With P_i = E_i / T_i and
 // T_i = Σ_j E_i(j), row i becomes R'_i = T_i · R_i on its kept entries: E_i plus the
 // fusion of SPEC §3.7 in the row's own units. Its pruned entries keep E_i (the fusion reads
 // them; A·V skips them). Then A_i = alpha_i · R'_i with alpha_i = 1 / Σ_j R'_i(j). A row

@@ -37,6 +37,14 @@ struct Geometry {
   int64_t square() const { return ld * ld + kLanes; }  // + slack: the score tiles read a vector past a row
 };
 
+// Which of `shares` workers takes chunk c when a team shares a pair's chunks out (see
+// forward_pair): back and forth, 0, 1, …, shares − 1, shares − 1, …, 1, 0, 0, 1, …, which
+// evens out work that falls with c (a row chunk's upper blocks) as well as even work.
+inline int64_t chunk_share(int64_t c, int64_t shares) {
+  const int64_t turn = c % (2 * shares);
+  return turn < shares ? turn : 2 * shares - 1 - turn;
+}
+
 // One 64-byte aligned array that grows on demand (contents are not kept when it grows).
 template <typename T>
 struct Array {
@@ -57,12 +65,13 @@ struct Array {
   }
 };
 
-// Copies one (b, h) slice of a strided (B, H, N, width) tensor into a dense rows×padded
-// buffer, zero in the padding rows and columns.
+// Copies rows [row_begin, row_end) of one (b, h) slice of a strided (B, H, N, width) tensor
+// into a dense buffer of `padded`-float rows (row i at dst + i · padded), zero in the
+// padding rows (i ≥ n) and columns.
 inline void gather(const float* base, const int64_t* stride, int64_t pair, int64_t heads, int64_t n, int64_t width,
-            int64_t rows, int64_t padded, float* dst) {
+                   int64_t row_begin, int64_t row_end, int64_t padded, float* dst) {
   const float* src = base + (pair / heads) * stride[0] + (pair % heads) * stride[1];
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
     float* row = dst + i * padded;
     if (i >= n) {
       for (int64_t k = 0; k < padded; k += kLanes) _mm256_storeu_ps(row + k, _mm256_setzero_ps());

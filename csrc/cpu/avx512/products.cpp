@@ -467,9 +467,9 @@ inline __m512 exp512(__m512 x) {
 
 // avx2::upper_exps (softmax_fusion.h) 16 lanes wide, the same tiles: row i from column
 // i & ~7 to ld (a multiple of 8, so a row's last vector may be half of one).
-void upper_exps(float* square, int64_t ld, int64_t n, float shift) {
+void upper_exps(float* square, int64_t ld, int64_t n, float shift, int64_t row_begin, int64_t row_end) {
   const __m512 vshift = _mm512_set1_ps(shift), zero = _mm512_setzero_ps();
-  for (int64_t i = 0; i < ld; ++i) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
     float* e = square + i * ld;
     for (int64_t j = i & ~int64_t{7}; j < ld; j += kLanes) {
       const __mmask16 part = lanes_below(ld - j);
