@@ -14,6 +14,7 @@ running both in the same process keeps machine noise out of it.
     pip install --no-build-isolation --no-deps --target /tmp/new-site \\
         -C cmake.define.BSPF_WITH_CUDA=OFF .
     python benchmarks/compare_builds.py /tmp/old-site --new-site /tmp/new-site
+    python benchmarks/compare_builds.py /tmp/old-site --shape 1,1,577,64 --shape 1,3,197,64
 
 Both builds take the same params structs (csrc/include/bspf/params.h); a build whose
 structs differ cannot be compared this way.
@@ -104,6 +105,16 @@ def compare(new, other, qk, v, block_size, keep_ratio, threads, rounds) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def parse_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a shape is four positive integers B,H,N,D, got {text!r}")
+    return shape
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("other_site", type=Path, help="the folder the other build was installed into (--target)")
@@ -112,6 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--keep-ratio", type=float, default=0.5)
+    parser.add_argument("--shape", action="append", type=parse_shape, metavar="B,H,N,D",
+                        help="a shape to time (repeatable; default: " +
+                             ", ".join(",".join(map(str, shape)) for shape in SHAPES) + ")")
     args = parser.parse_args(argv)
     other = load_other_build(args.other_site)
     new = load_other_build(args.new_site, "new") if args.new_site else _C
@@ -120,7 +134,7 @@ def main(argv=None) -> int:
           f"cpu path {new.capability()} (new) / {other.capability()} (other)")
     print("| shape | fwd new (ms) | fwd old (ms) | fwd new/old | bwd new (ms) | bwd old (ms) | bwd new/old | SDPA fwd (ms) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for shape in SHAPES:
+    for shape in args.shape or SHAPES:
         gen = torch.Generator().manual_seed(0)
         qk = torch.randn(shape, generator=gen)
         v = torch.randn(shape, generator=gen)
