@@ -5,10 +5,10 @@ Compiles tools/cpu_stages.cpp with the AVX2 path's sources of a source tree (wit
 -DBSPF_STAGE_TIMES, which turns on the stage marks of csrc/cpu/avx2/stage_clock.h: the
 package is never built with it) and runs one-thread forwards of `--pairs` (batch, head)
 pairs of random normal inputs, `--reps` times; it prints the median ticks per pair of
-each stage (logits: gathering X, Xᵀ, the GEMM and the diagonal blocks' mirror; mask:
-scoring, the k-th score searches and the mask words; match; exps: the shift, the upper
-tiles' exps and their mirror; rows: row sums, fusion and logs; values: A·V) and of the
-whole call. No Python or torch runs in the timed process and nothing else shares it, so
+each stage (logits: gathering X, Xᵀ, clearing the mask words, the GEMM, the exps' shift
+and the diagonal blocks' mirror; mask: scoring, the k-th score searches and the mask
+words; match; exps: the upper tiles' exps and their mirror; rows: row sums, fusion and
+logs; values: A·V) and of the whole call. No Python or torch runs in the timed process and nothing else shares it, so
 a stage's change of a few % is resolved where the op's own timing
 (benchmarks/compare_builds.py) cannot see it; but it is one thread of a stage's code,
 not the op, so a change is confirmed there too.
