@@ -4,6 +4,10 @@
 // BSPF_CPU_CAPABILITY=scalar|avx2|avx512 forces one (tests use it to compare the paths).
 //
 // Compiled for baseline x86-64 (no -mavx2): it must run, and refuse clearly, on any CPU.
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -13,6 +17,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bspf/cpu.h"
@@ -117,17 +122,27 @@ void run_pairs(const Params& params, int64_t pairs, PairFn&& pair_fn) {
   pool().release(workspaces);
 }
 
+// How many CPUs this process may run on. Teams with more workers than that wait at every
+// barrier for a worker the scheduler has set aside (4 threads on 2 CPUs took 8× one
+// thread's time at 1×1×197×64).
+int64_t available_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 // The forward of the (batch, head) pairs [first, end), fewer than the threads, by teams of
 // threads (avx2::forward_pair with a team: every stage of a pair shared out by chunks of
 // rows), where one thread per pair would leave the others idle: a batch of one image on a
 // machine with more cores than heads, or the pairs left over when the threads do not
-// divide them. The threads make as many teams as there are pairs (each of the rest goes
-// to no team), but a team has no more workers than half the pair's chunks, so that each
-// worker's share of a stage stays two chunks or more. The results are those of one thread
-// per pair, bit for bit.
+// divide them. The `threads` (no more than the CPUs there are) make as many teams as there
+// are pairs (each of the rest goes to no team), but a team has no more workers than half
+// the pair's chunks, so that each worker's share of a stage stays two chunks or more. The
+// results are those of one thread per pair, bit for bit.
 void forward_pairs_together(const ForwardParams& params, const avx2::KeepCounts& keep, const avx2::Products& products,
-                            int64_t first, int64_t end) {
-  const int32_t threads = params.num_threads;
+                            int64_t first, int64_t end, int32_t threads) {
   std::vector<avx2::Workspace*> workspaces = pool().acquire(threads);
   for (avx2::Workspace* ws : workspaces) {
     if (!avx2::reserve_forward(params, ws)) {
@@ -158,7 +173,7 @@ void forward_pairs_together(const ForwardParams& params, const avx2::KeepCounts&
     Shared& s = *static_cast<Shared*>(ctx);
     const int64_t pairs = s.end - s.first;
     const int64_t size = std::max<int64_t>(1, std::min<int64_t>(workers / pairs, s.largest_team));
-    const int64_t teams = std::min<int64_t>(pairs, workers / size);
+    const int64_t teams = std::max<int64_t>(1, std::min<int64_t>(pairs, workers / size));
     if (worker >= teams * size) return;
     const int64_t k = worker / size;
     TeamBarrier* barrier = &s.barriers[k];
@@ -240,8 +255,11 @@ void forward(const ForwardParams& params) {
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
     // Whole rounds of one pair per thread, then the pairs left over, fewer than the
-    // threads, by teams of threads.
-    const int64_t pairs = params.p.pairs(), threads = params.num_threads > 1 ? params.num_threads : 1;
+    // threads, by teams of threads: of no more threads than CPUs (the CPUs are looked up
+    // only where some pairs are left over).
+    const int64_t pairs = params.p.pairs();
+    int64_t threads = params.num_threads > 1 ? params.num_threads : 1;
+    if (pairs % threads != 0) threads = std::min(threads, available_cpus());
     const int64_t alone = pairs - pairs % threads;
     if (alone > 0) {
       run_pairs(params, alone, [&](int64_t pair, avx2::Workspace* ws) {
@@ -250,7 +268,7 @@ void forward(const ForwardParams& params) {
         return outcome != avx2::Outcome::kNoMemory;
       });
     }
-    if (alone < pairs) forward_pairs_together(params, keep, *products, alone, pairs);
+    if (alone < pairs) forward_pairs_together(params, keep, *products, alone, pairs, static_cast<int32_t>(threads));
     return;
   }
 #else
