@@ -128,7 +128,8 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   BSPF_STAGE(kStageLogits);  // and V's gather, where it runs, and clearing the mask words
   select_upper_blocks(g, products, square, static_cast<const float*>(fp.score_kernel), keep, me, workers, ws, words);
   BSPF_STAGE(kStageMask);
-  meet(team);  // the matching reads the diagonal blocks' mirrored tiles
+  // No meeting before the matching: of a chunk's diagonal block it reads the lower tiles
+  // of bands that start in the chunk, which this worker mirrored, and tiles the GEMM wrote.
   compute_match(g, sh.x.data, square, scale, me, workers, ws, match, rho);
   BSPF_STAGE(kStageMatch);
 
