@@ -1,17 +1,17 @@
 // The AVX2+FMA CPU path for float32: SPEC §3 and §4 computed one (batch, head) pair at a
 // time with its whole working set (an N×N tile of logits, ~160 KB at N = 197) in L2.
 //
-// One file per stage: vector.h (vector helpers), workspace.h (geometry, scratch),
-// gemm (logits and the sparse A·V products), selection (the keep mask), matching (b(i), ρ),
+// One file per stage: vector.h (vector helpers), workspace.h (geometry, scratch), gemm
+// (logits and the sparse A·V products), selection (the keep mask), matching (b(i), ρ),
 // softmax_fusion (exps, fused rows, sums), this file (the forward and mask of a pair),
 // backward.cpp, and stage_clock.h (the marks between the forward's stages that
-// tools/profile_cpu_stages.py compiles in). Every file here is compiled with -mavx2 -mfma only, and the path is chosen
-// at run time by dispatch.cpp. To keep the portable path safe on CPUs without AVX2 these
-// files share no inline function or template with the portable translation units: what
-// they define lives in bspf::cpu::avx2 (so the linker can merge an inline helper only with
-// another AVX2 file's copy), they use no std:: containers or algorithms, no <cmath>
-// overloads (compiler builtins instead), and of params.h only its plain structs and
-// constants.
+// tools/profile_cpu_stages.py compiles in). Every file here is compiled with -mavx2 -mfma
+// only, and the path is chosen at run time by dispatch.cpp. To keep the portable path safe
+// on CPUs without AVX2 these files share no inline function or template with the portable
+// translation units: what they define lives in bspf::cpu::avx2 (so the linker can merge an
+// inline helper only with another AVX2 file's copy), they use no std:: containers or
+// algorithms, no <cmath> overloads (compiler builtins instead), and of params.h only its
+// plain structs and constants.
 //
 // Where it differs from scalar.cpp (the correctness baseline), it differs only in
 // rounding: dot products and sums are vectorised, so float32 scores may swap places at
