@@ -438,9 +438,10 @@ def _forward_with_threads(threads, *args):
 
 # With fewer (batch, head) pairs than threads, or pairs left over when the threads do not
 # divide them, those pairs are computed by all the threads together (dispatch.cpp,
-# forward_pairs_together: every stage shared out by chunks of rows). The output and every
+# pairs_together: every stage shared out by chunks of rows). The output and every
 # saved buffer must be the bits of one thread per pair. The cases cover chunks that do not
-# fill 8-row bands (Ω = 7, 12), fewer chunks than threads, Dv off the vector width (the
+# fill 8-row bands (Ω = 7, 12), rows whose last chunk's vectors reach past the row's end
+# (N = 37, Ω = 7; N = 53, Ω = 3), fewer chunks than threads, Dv off the vector width (the
 # output copied back), a strided V (gathered), and more threads than this machine's cores.
 @pytest.mark.parametrize("threads", [2, 3, 4])
 @pytest.mark.parametrize(
@@ -452,6 +453,8 @@ def _forward_with_threads(threads, *args):
         ((2, 1, 100, 40), 12, 20, 1),
         ((1, 1, 5, 8), 16, 8, 1),
         ((1, 1, 300, 32), 64, 32, 2),
+        ((1, 1, 37, 8), 7, 8, 1),
+        ((1, 1, 53, 8), 3, 8, 1),
     ],
 )
 def test_threads_sharing_a_pair_give_the_bits_of_one_thread(vector_path, threads, shape, block_size, dv, v_step):
@@ -463,6 +466,49 @@ def test_threads_sharing_a_pair_give_the_bits_of_one_thread(vector_path, threads
     together = _forward_with_threads(threads, *args)
     for expected, got in zip(alone, together):
         assert torch.equal(got, expected)
+
+
+def _backward_with_threads(threads, *args):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return torch.ops.bspf_ext.backward(*args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+# The backward's pairs left over likewise (dispatch.cpp, pairs_together): both gradients
+# must be the bits of one thread per pair. Besides the forward's cases: D and Dv off the
+# vector width (dX and dV through the scratch), a ragged last 4-row tile of dX (N = 37),
+# strided gradients, and no fusion.
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    "shape, block_size, fuse, step",
+    [
+        ((1, 1, 197, 64, 64), 16, True, 1),
+        ((1, 3, 61, 16, 16), 8, True, 1),
+        ((1, 1, 37, 13, 11), 7, True, 2),
+        ((2, 1, 100, 40, 20), 12, False, 1),
+        ((1, 1, 5, 8, 8), 16, True, 1),
+        ((1, 1, 300, 32, 72), 64, True, 2),
+        ((1, 1, 70, 8, 8), 1, True, 1),
+    ],
+)
+def test_threads_sharing_a_pair_give_the_backward_bits_of_one_thread(vector_path, threads, shape, block_size, fuse,
+                                                                     step):
+    b, h, n, d, dv = shape
+    generator = torch.Generator().manual_seed(n)
+    qk = torch.randn(b, h, n, d * step, generator=generator)[..., ::step]
+    v = torch.randn(b, h, n, dv * step, generator=generator)[..., ::step]
+    grad_out = torch.randn(b, h, n, dv * step, generator=generator)[..., ::step]
+    _, *saved = _forward_with_threads(1, qk, v, reference.box_score_kernel(torch.float32), block_size, 0.5, fuse,
+                                      d**-0.5)
+    args = (grad_out, qk, v, *saved, block_size, fuse, d**-0.5)
+    alone = _backward_with_threads(1, *args)
+    together = _backward_with_threads(threads, *args)
+    for expected, got in zip(alone, together):
+        assert torch.equal(got, expected)
+    assert all(torch.isfinite(g).all() for g in together)
 
 
 def test_threads_sharing_a_pair_hand_an_extreme_pair_to_the_portable_path(vector_path):
@@ -477,6 +523,11 @@ def test_threads_sharing_a_pair_hand_an_extreme_pair_to_the_portable_path(vector
     for expected, got in zip(alone, together):
         assert torch.equal(got, expected)
     assert torch.isfinite(together[0]).all()
+    backward_args = (torch.randn_like(v), qk, v, *alone[1:], 16, True, 8**-0.5)
+    grads_alone = _backward_with_threads(1, *backward_args)
+    grads_together = _backward_with_threads(2, *backward_args)
+    for expected, got in zip(grads_alone, grads_together):
+        assert torch.equal(got, expected)
 
 
 def test_thread_count_does_not_change_results(vector_path):

@@ -133,34 +133,33 @@ int64_t available_cpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// The forward of the (batch, head) pairs [first, end), fewer than the threads, by teams of
-// threads (avx2::forward_pair with a team: every stage of a pair shared out by chunks of
-// rows), where one thread per pair would leave the others idle: a batch of one image on a
-// machine with more cores than heads, or the pairs left over when the threads do not
-// divide them. The `threads` (no more than the CPUs there are) make as many teams as there
-// are pairs (each of the rest goes to no team), but a team has no more workers than half
-// the pair's chunks, so that each worker's share of a stage stays two chunks or more. The
+// The (batch, head) pairs [first, end), fewer than the threads, by teams of threads
+// (pair_fn(pair, shared, own, team): avx2::forward_pair or backward_pair with a team, every
+// step of a pair shared out by chunks of rows), where one thread per pair would leave the
+// others idle: a batch of one image on a machine with more cores than heads, or the pairs
+// left over when the threads do not divide them. The `threads` (no more than the CPUs there
+// are) make as many teams as there are pairs (each of the rest goes to no team), but a team
+// has no more workers than half the pair's chunks, so that each worker's share of a step
+// stays two chunks or more. reserve(workspace) reserves each worker's workspace first; a
+// pair that some worker hands back (kNeedsPortable) goes to portable(pair) afterwards. The
 // results are those of one thread per pair, bit for bit.
-void forward_pairs_together(const ForwardParams& params, const avx2::KeepCounts& keep, const avx2::Products& products,
-                            int64_t first, int64_t end, int32_t threads) {
+template <typename Params, typename Reserve, typename PairFn, typename Portable>
+void pairs_together(const Params& params, int64_t first, int64_t end, int32_t threads, Reserve&& reserve,
+                    PairFn&& pair_fn, Portable&& portable) {
   std::vector<avx2::Workspace*> workspaces = pool().acquire(threads);
   for (avx2::Workspace* ws : workspaces) {
-    if (!avx2::reserve_forward(params, ws)) {
+    if (!reserve(ws)) {
       pool().release(workspaces);
       throw std::bad_alloc();
     }
   }
   struct Shared {
-    const ForwardParams& params;
-    const avx2::KeepCounts& keep;
-    const avx2::Products& products;
+    PairFn& pair_fn;
     const std::vector<avx2::Workspace*>& workspaces;
     int64_t first, end, largest_team;
     std::unique_ptr<TeamBarrier[]> barriers;    // one per team
     std::vector<unsigned char> needs_portable;  // per pair and worker
-  } shared{params,
-           keep,
-           products,
+  } shared{pair_fn,
            workspaces,
            first,
            end,
@@ -179,18 +178,37 @@ void forward_pairs_together(const ForwardParams& params, const avx2::KeepCounts&
     TeamBarrier* barrier = &s.barriers[k];
     const avx2::Team team{static_cast<int32_t>(worker % size), static_cast<int32_t>(size), barrier};
     for (int64_t pair = s.first + k; pair < s.end; pair += teams) {
-      const avx2::Outcome outcome = avx2::forward_pair(s.params, s.keep, s.products, pair, s.workspaces[k * size],
-                                                       s.workspaces[worker], team);
+      const avx2::Outcome outcome = s.pair_fn(pair, s.workspaces[k * size], s.workspaces[worker], team);
       s.needs_portable[(pair - s.first) * s.workspaces.size() + worker] = outcome == avx2::Outcome::kNeedsPortable;
       wait_for_team(barrier, team.workers);  // the team's next pair takes the shared workspace
     }
   }, &shared);
   pool().release(workspaces);
   for (int64_t pair = first; pair < end; ++pair) {
-    bool portable = false;
-    for (int32_t w = 0; w < threads; ++w) portable |= shared.needs_portable[(pair - first) * threads + w] != 0;
-    if (portable) scalar::forward_one_pair(params, pair);
+    bool needs_portable = false;
+    for (int32_t w = 0; w < threads; ++w) needs_portable |= shared.needs_portable[(pair - first) * threads + w] != 0;
+    if (needs_portable) portable(pair);
   }
+}
+
+// All pairs of a call on the vector path: whole rounds of one pair per thread, then the
+// pairs left over, fewer than the threads, by teams of threads (pairs_together) of no more
+// threads than CPUs (looked up only where some pairs are left over). pair_fn(pair, shared,
+// own, team) computes a pair, reserve and portable as pairs_together takes them.
+template <typename Params, typename Reserve, typename PairFn, typename Portable>
+void pairs_alone_then_together(const Params& params, Reserve&& reserve, PairFn&& pair_fn, Portable&& portable) {
+  const int64_t pairs = params.p.pairs();
+  int64_t threads = params.num_threads > 1 ? params.num_threads : 1;
+  if (pairs % threads != 0) threads = std::min(threads, available_cpus());
+  const int64_t alone = pairs - pairs % threads;
+  if (alone > 0) {
+    run_pairs(params, alone, [&](int64_t pair, avx2::Workspace* ws) {
+      const avx2::Outcome outcome = pair_fn(pair, ws, ws, avx2::kAlone);
+      if (outcome == avx2::Outcome::kNeedsPortable) portable(pair);
+      return outcome != avx2::Outcome::kNoMemory;
+    });
+  }
+  if (alone < pairs) pairs_together(params, alone, pairs, static_cast<int32_t>(threads), reserve, pair_fn, portable);
 }
 
 avx2::KeepCounts keep_counts(const ForwardParams& params) {
@@ -254,22 +272,12 @@ void forward(const ForwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
-    // Whole rounds of one pair per thread, then the pairs left over, fewer than the
-    // threads, by teams of threads: of no more threads than CPUs (the CPUs are looked up
-    // only where some pairs are left over).
-    const int64_t pairs = params.p.pairs();
-    int64_t threads = params.num_threads > 1 ? params.num_threads : 1;
-    if (pairs % threads != 0) threads = std::min(threads, available_cpus());
-    const int64_t alone = pairs - pairs % threads;
-    if (alone > 0) {
-      run_pairs(params, alone, [&](int64_t pair, avx2::Workspace* ws) {
-        const avx2::Outcome outcome = avx2::forward_pair(params, keep, *products, pair, ws, ws, avx2::kAlone);
-        if (outcome == avx2::Outcome::kNeedsPortable) scalar::forward_one_pair(params, pair);
-        return outcome != avx2::Outcome::kNoMemory;
-      });
-    }
-    if (alone < pairs) forward_pairs_together(params, keep, *products, alone, pairs, static_cast<int32_t>(threads));
-    return;
+    return pairs_alone_then_together(
+        params, [&](avx2::Workspace* ws) { return avx2::reserve_forward(params, ws); },
+        [&](int64_t pair, avx2::Workspace* shared, avx2::Workspace* own, const avx2::Team& team) {
+          return avx2::forward_pair(params, keep, *products, pair, shared, own, team);
+        },
+        [&](int64_t pair) { scalar::forward_one_pair(params, pair); });
   }
 #else
   capability();
@@ -281,11 +289,12 @@ void backward(const BackwardParams& params) {
   validate(params);
 #if defined(BSPF_HAVE_AVX2)
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
-    return run_pairs(params, params.p.pairs(), [&](int64_t pair, avx2::Workspace* ws) {
-      const avx2::Outcome outcome = avx2::backward_pair(params, *products, pair, ws);
-      if (outcome == avx2::Outcome::kNeedsPortable) scalar::backward_one_pair(params, pair);
-      return outcome != avx2::Outcome::kNoMemory;
-    });
+    return pairs_alone_then_together(
+        params, [&](avx2::Workspace* ws) { return avx2::reserve_backward(params, ws); },
+        [&](int64_t pair, avx2::Workspace* shared, avx2::Workspace* own, const avx2::Team& team) {
+          return avx2::backward_pair(params, *products, pair, shared, own, team);
+        },
+        [&](int64_t pair) { scalar::backward_one_pair(params, pair); });
   }
 #else
   capability();

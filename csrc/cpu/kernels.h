@@ -82,11 +82,14 @@ inline bool finite_scores(const BlockScores& scores) {
 // The chunks of a row as the fusion reads them (SPEC §3.1, §3.6): chunk c is the columns
 // [c · omega, c · omega + size), size = omega except for the last of `chunks`, which is
 // `last` wide; similarity_full[p] and similarity_last[p] are H = 1 − p / size for a
-// popcount p of a full and of the last chunk.
+// popcount p of a full and of the last chunk. A row is `ld` floats long (N rounded up to
+// 8); from chunk `careful` on, a chunk's last vector of 8 may reach past the row's end (the
+// last chunk, and with Ω under 8 a few before it).
 struct ChunkGrid {
   int64_t omega, chunks, last;
   const float* similarity_full;
   const float* similarity_last;
+  int64_t ld, careful;
 };
 
 namespace {  // internal linkage, as the helpers above
@@ -129,7 +132,7 @@ struct Products {
   void (*row_sums)(const float* row, int64_t ld, const uint64_t* bitmap, float* total, float* kept);
   float (*fuse_row)(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                     float* target);
-  void (*probs_rows)(float* square, int64_t ld, int64_t n, const float* lse);
+  void (*probs_rows)(float* square, int64_t ld, int64_t n, const float* lse, int64_t row_begin, int64_t row_end);
   float (*fused_grad_row)(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float rho,
                           const float* probs_i, const float* grad_target, float* grad_i);
 };
@@ -140,18 +143,20 @@ extern const Products kProducts;
 // rows' columns, and pruned coefficients must be 0.
 constexpr int64_t kOwnColumnsWidth = 64;
 
-// The workers that compute one pair together (forward_pair): this is worker `worker` of
-// `workers`, and all of them meet at `barrier` between the stages. An aggregate without
-// member initializers, so that no constructor is emitted in both kinds of translation unit.
+// The workers that compute one pair together (forward_pair, backward_pair): this is worker
+// `worker` of `workers`, and all of them meet at `barrier` between the stages. An aggregate
+// without member initializers, so that no constructor is emitted in both kinds of
+// translation unit.
 struct Team {
   int32_t worker, workers;
   TeamBarrier* barrier;
 };
 constexpr Team kAlone = {0, 1, nullptr};  // a pair computed by one thread
 
-// Reserves what forward_pair needs of a workspace for these params; false when the memory
-// could not be allocated.
+// Reserve what forward_pair and backward_pair need of a workspace for these params; false
+// when the memory could not be allocated.
 bool reserve_forward(const ForwardParams& params, Workspace* workspace);
+bool reserve_backward(const BackwardParams& params, Workspace* workspace);
 
 // Returns false when scratch memory could not be allocated (nothing is written then).
 bool mask_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
@@ -165,7 +170,11 @@ bool mask_pair(const ForwardParams& params, const KeepCounts& keep, const Produc
 // pair goes there).
 Outcome forward_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
                      Workspace* shared, Workspace* own, const Team& team);
-Outcome backward_pair(const BackwardParams& params, const Products& products, int64_t pair, Workspace* workspace);
+// One pair's backward, alone or by a team as forward_pair (workspaces reserved by
+// reserve_backward). kNeedsPortable: the pair's saved log Z is below what this path
+// computes exactly (every worker of a team returns it, before writing anything).
+Outcome backward_pair(const BackwardParams& params, const Products& products, int64_t pair, Workspace* shared,
+                      Workspace* own, const Team& team);
 
 }  // namespace bspf::cpu::avx2
 

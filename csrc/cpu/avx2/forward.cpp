@@ -61,15 +61,6 @@ bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& 
 
 bool reserve_forward(const ForwardParams& fp, Workspace* workspace) { return reserve_forward(Geometry(fp.p), *workspace); }
 
-namespace {
-
-// Where a team's workers wait for each other between stages; alone, nowhere.
-inline void meet(const Team& team) {
-  if (team.workers > 1) wait_for_team(team.barrier, team.workers);
-}
-
-}  // namespace
-
 Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& products, int64_t pair,
                      Workspace* shared, Workspace* own, const Team& team) {
   Workspace& sh = *shared;  // the pair's X, Xᵀ, V and square
@@ -100,31 +91,25 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   const float* values = v_in_place ? v_pair : sh.v.data;
   const int64_t ldv = v_in_place ? fp.v_stride[2] : g.dvp;
 
-  // A team shares the pair out by chunks of rows (chunk_share): a worker computes the
-  // stages of its chunks' rows, by chunk or by the row bands of 8 that start in them, so
-  // that most of what a stage reads was written on the same core. A stage that reads what
-  // others wrote in the one before starts after they meet.
+  // A team shares the pair out by chunks of rows (for_my_bands, workspace.h). A stage that
+  // reads what others wrote in the one before starts after they meet.
   const int64_t me = team.worker, workers = team.workers;
-  auto my_bands = [&](int64_t from, auto&& body) {
-    for (int64_t i0 = from; i0 < g.ld; i0 += 8)
-      if (workers == 1 || chunk_share(i0 < g.n ? i0 / g.omega : g.chunks - 1, workers) == me) body(i0);
-  };
 
   BSPF_STAGE(kStageStart);
-  my_bands(0, [&](int64_t i0) {
+  for_my_bands(g, team, 0, [&](int64_t i0) {
     gather_x_band(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, i0, sh.x.data);
     const int64_t end = i0 + 8 < g.n ? i0 + 8 : g.n;
     if (!v_in_place)
       gather(static_cast<const float*>(fp.v), fp.v_stride, pair, fp.p.heads, g.n, g.dv, i0, end, g.dvp, sh.v.data);
     clear_mask_words(g, i0, end, words);
   });
-  my_bands(0, [&](int64_t i0) { transpose_x_band(g, i0, sh.x.data, sh.xt.data); });
+  for_my_bands(g, team, 0, [&](int64_t i0) { transpose_x_band(g, i0, sh.x.data, sh.xt.data); });
   meet(team);
-  my_bands(0, [&](int64_t i0) { logits_band(g, products, sh.x.data, sh.xt.data, scale, i0, square); });
+  for_my_bands(g, team, 0, [&](int64_t i0) { logits_band(g, products, sh.x.data, sh.xt.data, scale, i0, square); });
   meet(team);
   // The exps' one shift for all rows, from L's diagonal, which no stage writes before them.
   const float shift = logit_bound(g, square);
-  my_bands(8, [&](int64_t i0) { mirror_band(g, Mirror::kDiagonalBlocks, i0, square); });
+  for_my_bands(g, team, 8, [&](int64_t i0) { mirror_band(g, Mirror::kDiagonalBlocks, i0, square); });
   BSPF_STAGE(kStageLogits);  // and V's gather, where it runs, and clearing the mask words
   select_upper_blocks(g, products, square, static_cast<const float*>(fp.score_kernel), keep, me, workers, ws, words);
   BSPF_STAGE(kStageMask);
@@ -137,9 +122,9 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   // of rows at a time while it is in cache: softmax sums, weights with fusion, and A·V
   // over the kept entries only.
   meet(team);  // E takes L's place
-  my_bands(0, [&](int64_t i0) { upper_exps_band(g, products, shift, i0, square); });
+  for_my_bands(g, team, 0, [&](int64_t i0) { upper_exps_band(g, products, shift, i0, square); });
   meet(team);
-  my_bands(8, [&](int64_t i0) { mirror_exps_band(g, i0, square); });
+  for_my_bands(g, team, 8, [&](int64_t i0) { mirror_exps_band(g, i0, square); });
   meet(team);
   BSPF_STAGE(kStageExps);
   for (int64_t m = 0; m < g.chunks; ++m) {

@@ -25,11 +25,19 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
     for (int64_t a = 0; a < size; ++a) {
       float* ga = gram + a * 64;
       if (from_logits) {
-        const float* la = logits + (b0 + a) * g.ld + b0;  // reads past the block stay inside the square
+        // Nothing past the block is read (0 in its place): there another worker of a team
+        // may be mirroring tiles (the last chunk's rows end in the next row's first columns).
+        const float* la = logits + (b0 + a) * g.ld + b0;
+        auto gram_row = [&](auto from_logit) {
+          int64_t b = 0;
+          for (; b + kLanes <= size; b += kLanes) _mm256_storeu_ps(ga + b, from_logit(_mm256_loadu_ps(la + b)));
+          if (b < size)
+            _mm256_storeu_ps(ga + b, from_logit(_mm256_maskload_ps(la + b, _mm256_castps_si256(lane_mask(size - b)))));
+        };
         if (power_of_two)
-          for (int64_t b = 0; b < width; b += kLanes) _mm256_storeu_ps(ga + b, _mm256_mul_ps(_mm256_loadu_ps(la + b), inverse));
+          gram_row([&](__m256 l) { return _mm256_mul_ps(l, inverse); });
         else
-          for (int64_t b = 0; b < width; b += kLanes) _mm256_storeu_ps(ga + b, _mm256_div_ps(_mm256_loadu_ps(la + b), vscale));
+          gram_row([&](__m256 l) { return _mm256_div_ps(l, vscale); });
         norm[a] = __builtin_sqrtf(ga[a]);
       } else {
         const float* xa = x + (b0 + a) * g.dp;

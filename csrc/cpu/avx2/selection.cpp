@@ -484,8 +484,10 @@ BlockScores score_block_as(bool uniform, const float* block, int64_t ld, int64_t
     float* t = tile + (i + 1) * ts;
     const float* src = block + i * ld;
     t[0] = 0.0f;
-    for (int64_t j = 0; j < cols; j += kLanes) _mm256_storeu_ps(t + 1 + j, _mm256_loadu_ps(src + j));
-    _mm256_storeu_ps(t + 1 + cols, zero);  // what the last vector copied past the block
+    // Nothing past the block is read: there another worker of a team may be mirroring
+    // tiles (the last block column's rows end in the next row's first columns).
+    copy_padded(src, cols, t + 1);
+    _mm256_storeu_ps(t + 1 + cols, zero);  // the row's right padding, whatever the tile held
   }
 
   if (uniform)

@@ -71,9 +71,13 @@ void probs_row(float* row, int64_t ld, int64_t n, float lse) {
 
 void probs_row(const Geometry& g, float* row, float lse) { probs_row(row, g.ld, g.n, lse); }
 
-void probs_rows(float* square, int64_t ld, int64_t n, const float* lse) {
-  for (int64_t i = 0; i < n; ++i) probs_row(square + i * ld, ld, n, lse[i]);
-  std::memset(square + n * ld, 0, sizeof(float) * (ld - n) * ld);
+void probs_rows(float* square, int64_t ld, int64_t n, const float* lse, int64_t row_begin, int64_t row_end) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    if (i < n)
+      probs_row(square + i * ld, ld, n, lse[i]);
+    else
+      std::memset(square + i * ld, 0, sizeof(float) * ld);
+  }
 }
 
 float logit_bound(const Geometry& g, const float* logits) {
@@ -136,25 +140,54 @@ void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total
 // depends on the data, and the mispredicted branch cost more than adding +0 (a third of
 // the fusion's time at the target shape).
 //
-// A chunk's last vector reaches past it (into the next chunk, the padding, or for a short
-// last chunk the next row's first columns) with its bits 0 there, so it adds +0 to
-// values ≥ 0 and changes nothing; rows have a vector of slack at the square's end.
+// A chunk's last vector reaches past it (into the next chunk or the padding) with its bits
+// 0 there, so it adds +0 to values ≥ 0 and changes nothing. A vector that would reach past
+// the row's end (round_up8(N)) is read and written under a lane mask instead: past it lie
+// the next row's first columns, which another worker of a team may be writing.
+namespace {
+
+// Of chunk c of a row (from column `begin`, `size` wide) the columns whose vectors of 8 lie
+// within the row (c ≥ g.careful: before, all of them), and the lanes of the vector after
+// them, from `column`, that do.
+int64_t whole_vectors(const ChunkGrid& g, int64_t begin, int64_t size) {
+  const int64_t within = g.ld - begin - (kLanes - 1);
+  return size < within ? size : within;
+}
+
+__m256i lanes_within(const ChunkGrid& g, int64_t column) { return _mm256_castps_si256(lane_mask(g.ld - column)); }
+
+}  // namespace
+
 float fuse_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                float* target) {
   // The grid in a local: the stores into target might alias the caller's, so its fields
   // would be loaded again for every chunk.
   const ChunkGrid g = grid;
   __m256 added = _mm256_setzero_ps();
+  // 8 columns of target plus their moved share of source.
+  auto fused = [&](uint64_t moved, __m256 h, __m256 source_part, __m256 target_part) {
+    const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu), _mm256_mul_ps(h, source_part));
+    added = _mm256_add_ps(added, value);
+    return _mm256_add_ps(target_part, value);
+  };
   for (int64_t c = 0; c < g.chunks; ++c) {
     const FusionChunk chunk = fusion_chunk(g, wi, wp, c);
     uint64_t moved = chunk.moved;
     const __m256 h = _mm256_set1_ps(share * chunk.similarity);
-    const int64_t begin = chunk.begin, size = chunk.size;
-    for (int64_t j = 0; j < size; j += kLanes, moved >>= 8) {  // a fixed count: predictable
-      const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu),
-                                         _mm256_mul_ps(h, _mm256_loadu_ps(source + begin + j)));
-      _mm256_storeu_ps(target + begin + j, _mm256_add_ps(_mm256_loadu_ps(target + begin + j), value));
-      added = _mm256_add_ps(added, value);
+    const float* s = source + chunk.begin;
+    float* t = target + chunk.begin;
+    if (c < g.careful) {
+      for (int64_t j = 0; j < chunk.size; j += kLanes, moved >>= 8)  // a fixed count: predictable
+        _mm256_storeu_ps(t + j, fused(moved, h, _mm256_loadu_ps(s + j), _mm256_loadu_ps(t + j)));
+      continue;
+    }
+    const int64_t whole = whole_vectors(g, chunk.begin, chunk.size);
+    int64_t j = 0;
+    for (; j < whole; j += kLanes, moved >>= 8)
+      _mm256_storeu_ps(t + j, fused(moved, h, _mm256_loadu_ps(s + j), _mm256_loadu_ps(t + j)));
+    if (j < chunk.size) {
+      const __m256i lanes = lanes_within(g, chunk.begin + j);
+      _mm256_maskstore_ps(t + j, lanes, fused(moved, h, _mm256_maskload_ps(s + j, lanes), _mm256_maskload_ps(t + j, lanes)));
     }
   }
   return hsum(added);
@@ -165,16 +198,27 @@ float fused_grad_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* 
   const ChunkGrid g = grid;  // in a local, as in fuse_row
   __m256 acc = _mm256_setzero_ps();
   const __m256 r = _mm256_set1_ps(rho);
+  // grad_i's 8 columns with the moved ones' term added, and that term's part of dρ in acc.
+  auto fused = [&](uint64_t moved, __m256 h, __m256 target_part, __m256 probs_part, __m256 gi) {
+    const __m256 bits = expand_bits(static_cast<uint32_t>(moved) & 0xFFu);
+    const __m256 h_gt = _mm256_mul_ps(h, target_part);
+    acc = _mm256_add_ps(acc, _mm256_and_ps(bits, _mm256_mul_ps(h_gt, probs_part)));
+    return _mm256_blendv_ps(gi, _mm256_fmadd_ps(r, h_gt, gi), bits);
+  };
   for (int64_t c = 0; c < g.chunks; ++c) {  // no branch on an empty moved set: see fuse_row
     const FusionChunk chunk = fusion_chunk(g, wi, wp, c);
     uint64_t moved = chunk.moved;
     const __m256 h = _mm256_set1_ps(chunk.similarity);
-    for (int64_t j = chunk.begin; j < chunk.begin + chunk.size; j += kLanes, moved >>= 8) {
-      const __m256 bits = expand_bits(static_cast<uint32_t>(moved) & 0xFFu);
-      const __m256 h_gt = _mm256_mul_ps(h, _mm256_loadu_ps(grad_target + j));
-      const __m256 gi = _mm256_loadu_ps(grad_i + j);
-      _mm256_storeu_ps(grad_i + j, _mm256_blendv_ps(gi, _mm256_fmadd_ps(r, h_gt, gi), bits));
-      acc = _mm256_add_ps(acc, _mm256_and_ps(bits, _mm256_mul_ps(h_gt, _mm256_loadu_ps(probs_i + j))));
+    const int64_t end = chunk.begin + (c < g.careful ? chunk.size : whole_vectors(g, chunk.begin, chunk.size));
+    int64_t j = chunk.begin;
+    for (; j < end; j += kLanes, moved >>= 8)
+      _mm256_storeu_ps(grad_i + j, fused(moved, h, _mm256_loadu_ps(grad_target + j), _mm256_loadu_ps(probs_i + j),
+                                         _mm256_loadu_ps(grad_i + j)));
+    if (j < chunk.begin + chunk.size) {
+      const __m256i lanes = lanes_within(g, j);
+      _mm256_maskstore_ps(grad_i + j, lanes,
+                          fused(moved, h, _mm256_maskload_ps(grad_target + j, lanes), _mm256_maskload_ps(probs_i + j, lanes),
+                                _mm256_maskload_ps(grad_i + j, lanes)));
     }
   }
   return hsum(acc);

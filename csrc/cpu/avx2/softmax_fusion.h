@@ -49,9 +49,10 @@ void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total
 // source and target may be read up to a vector past a chunk (rows have that slack).
 float fuse_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                float* target);
-// probs_rows: the backward's P in place of L in the ld×ld square: row i < n becomes
-// exp(min(0, L_i − lse[i])) as probs_row makes it, 0 in the padding columns; rows [n, ld) 0.
-void probs_rows(float* square, int64_t ld, int64_t n, const float* lse);
+// probs_rows: the backward's P in place of L, rows [row_begin, row_end) of the ld×ld square:
+// row i < n becomes exp(min(0, L_i − lse[i])) as probs_row makes it, 0 in the padding
+// columns; a row i ≥ n becomes 0.
+void probs_rows(float* square, int64_t ld, int64_t n, const float* lse, int64_t row_begin, int64_t row_end);
 
 // A row's mask words as one bit per column, so that 8 columns are one byte.
 void row_bitmap(const Geometry& g, const uint64_t* row_words, uint64_t* bitmap);

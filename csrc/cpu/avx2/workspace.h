@@ -33,7 +33,11 @@ struct Geometry {
   float similarity_full[65], similarity_last[65];
   int64_t begin(int64_t c) const { return c * omega; }
   int64_t size(int64_t c) const { return c == chunks - 1 ? last : omega; }
-  ChunkGrid grid() const { return {omega, chunks, last, similarity_full, similarity_last}; }
+  ChunkGrid grid() const {
+    int64_t careful = chunks - 1;  // chunk c's vectors end at c · Ω + round_up8(Ω)
+    while (careful > 0 && (careful - 1) * omega + round_up8(omega) > ld) --careful;
+    return {omega, chunks, last, similarity_full, similarity_last, ld, careful};
+  }
   int64_t square() const { return ld * ld + kLanes; }  // + slack: the score tiles read a vector past a row
 };
 
@@ -43,6 +47,28 @@ struct Geometry {
 inline int64_t chunk_share(int64_t c, int64_t shares) {
   const int64_t turn = c % (2 * shares);
   return turn < shares ? turn : 2 * shares - 1 - turn;
+}
+
+// Where a team's workers (kernels.h) wait for each other between steps; alone, nowhere.
+inline void meet(const Team& team) {
+  if (team.workers > 1) wait_for_team(team.barrier, team.workers);
+}
+
+// A team shares a pair out by chunks of rows (chunk_share): its worker computes the steps
+// of its chunks' rows, by chunk (for_my_chunks) or by the row bands of 8 from `from` on
+// that start in them (for_my_bands; the padding rows past N go with the last chunk), so
+// that most of what a step reads was written on the same core. Alone, every chunk and band.
+template <typename Body>
+void for_my_chunks(const Geometry& g, const Team& team, Body&& body) {
+  for (int64_t m = 0; m < g.chunks; ++m)
+    if (team.workers == 1 || chunk_share(m, team.workers) == team.worker) body(m);
+}
+
+template <typename Body>
+void for_my_bands(const Geometry& g, const Team& team, int64_t from, Body&& body) {
+  for (int64_t i0 = from; i0 < g.ld; i0 += 8)
+    if (team.workers == 1 || chunk_share(i0 < g.n ? i0 / g.omega : g.chunks - 1, team.workers) == team.worker)
+      body(i0);
 }
 
 // One 64-byte aligned array that grows on demand (contents are not kept when it grows).

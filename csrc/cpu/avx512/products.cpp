@@ -542,9 +542,9 @@ float fuse_row(const avx2::ChunkGrid& g, const uint64_t* wi, const uint64_t* wp,
 }
 
 // avx2::probs_rows 16 lanes wide: the same operations, so the same values bit for bit.
-void probs_rows(float* square, int64_t ld, int64_t n, const float* lse) {
+void probs_rows(float* square, int64_t ld, int64_t n, const float* lse, int64_t row_begin, int64_t row_end) {
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t i = 0; i < ld; ++i) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
     float* row = square + i * ld;
     const __m512 vlse = _mm512_set1_ps(i < n ? lse[i] : 0.0f);
     for (int64_t j = 0; j < ld; j += kLanes) {
