@@ -22,15 +22,18 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
   for (int64_t c = 0; c < g.chunks; ++c) {
     if (shares > 1 && chunk_share(c, shares) != share) continue;
     const int64_t b0 = g.begin(c), size = g.size(c), width = round_up8(size);
+    // The vectors that read the chunk's rows of L: whole ones up to `width` (past the chunk,
+    // the row's next columns, which no worker is writing now), unless the last would reach
+    // past the row's end, into the next row, which another worker of a team may be
+    // mirroring: then that one under a lane mask (0 in its place).
+    const int64_t whole = b0 + width <= g.ld ? width : size & ~int64_t{7};
     for (int64_t a = 0; a < size; ++a) {
       float* ga = gram + a * 64;
       if (from_logits) {
-        // Nothing past the block is read (0 in its place): there another worker of a team
-        // may be mirroring tiles (the last chunk's rows end in the next row's first columns).
         const float* la = logits + (b0 + a) * g.ld + b0;
         auto gram_row = [&](auto from_logit) {
           int64_t b = 0;
-          for (; b + kLanes <= size; b += kLanes) _mm256_storeu_ps(ga + b, from_logit(_mm256_loadu_ps(la + b)));
+          for (; b < whole; b += kLanes) _mm256_storeu_ps(ga + b, from_logit(_mm256_loadu_ps(la + b)));
           if (b < size)
             _mm256_storeu_ps(ga + b, from_logit(_mm256_maskload_ps(la + b, _mm256_castps_si256(lane_mask(size - b)))));
         };
