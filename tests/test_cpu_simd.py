@@ -427,22 +427,38 @@ def test_repeated_calls_are_bitwise_identical(vector_path, threads):
         torch.set_num_threads(previous)
 
 
-def _forward_with_threads(threads, *args):
+def _with_threads(threads, fn, *args, **kwargs):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return torch.ops.bspf_ext.forward(*args)
+        return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(previous)
 
 
+def _forward_with_threads(threads, *args):
+    return _with_threads(threads, torch.ops.bspf_ext.forward, *args)
+
+
+def _other_values_in_scratch(threads, b, h, n, d, dv, block_size):
+    # A forward and backward of other inputs of the same shape on `threads` threads: the
+    # pooled scratch that the next team call shares then holds values unlike its own, so a
+    # step a worker skipped, or read too early, shows.
+    generator = torch.Generator().manual_seed(12345)
+    qk, v, grad_out = (torch.randn(b, h, n, width, generator=generator) * 3 for width in (d, dv, dv))
+    _, *saved = _forward_with_threads(threads, qk, v, reference.box_score_kernel(torch.float32), block_size, 0.5, True,
+                                      d**-0.5)
+    _with_threads(threads, torch.ops.bspf_ext.backward, grad_out, qk, v, *saved, block_size, True, d**-0.5)
+
+
 # With fewer (batch, head) pairs than threads, or pairs left over when the threads do not
 # divide them, those pairs are computed by all the threads together (dispatch.cpp,
-# pairs_together: every stage shared out by chunks of rows). The output and every
-# saved buffer must be the bits of one thread per pair. The cases cover chunks that do not
-# fill 8-row bands (Ω = 7, 12), rows whose last chunk's vectors reach past the row's end
-# (N = 37, Ω = 7; N = 53, Ω = 3), fewer chunks than threads, Dv off the vector width (the
-# output copied back), a strided V (gathered), and more threads than this machine's cores.
+# pairs_together: every stage shared out by chunks of rows). The output, every saved
+# buffer and block_mask's mask must be the bits of one thread per pair. The cases cover
+# chunks that do not fill 8-row bands (Ω = 7, 12), rows whose last chunk's vectors reach
+# past the row's end (N = 37, Ω = 7; N = 53, Ω = 3), fewer chunks than threads, Dv off the
+# vector width (the output copied back), a strided V (gathered), and more threads than
+# this machine's cores.
 @pytest.mark.parametrize("threads", [2, 3, 4])
 @pytest.mark.parametrize(
     "shape, block_size, dv, v_step",
@@ -463,18 +479,19 @@ def test_threads_sharing_a_pair_give_the_bits_of_one_thread(vector_path, threads
     v = torch.randn(b, h, n, dv * v_step, generator=torch.Generator().manual_seed(n))[..., ::v_step]
     args = (qk, v, reference.box_score_kernel(torch.float32), block_size, 0.5, True, d**-0.5)
     alone = _forward_with_threads(1, *args)
+    _other_values_in_scratch(threads, b, h, n, d, dv, block_size)
     together = _forward_with_threads(threads, *args)
     for expected, got in zip(alone, together):
         assert torch.equal(got, expected)
+    # block_mask's pairs likewise, through the same first steps.
+    mask_alone = _with_threads(1, bspf_ext.block_mask, qk, block_size=block_size, keep_ratio=0.5)
+    _other_values_in_scratch(threads, b, h, n, d, dv, block_size)
+    mask_together = _with_threads(threads, bspf_ext.block_mask, qk, block_size=block_size, keep_ratio=0.5)
+    assert torch.equal(mask_together, mask_alone)
 
 
 def _backward_with_threads(threads, *args):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return torch.ops.bspf_ext.backward(*args)
-    finally:
-        torch.set_num_threads(previous)
+    return _with_threads(threads, torch.ops.bspf_ext.backward, *args)
 
 
 # The backward's pairs left over likewise (dispatch.cpp, pairs_together): both gradients
@@ -505,6 +522,7 @@ def test_threads_sharing_a_pair_give_the_backward_bits_of_one_thread(vector_path
                                       d**-0.5)
     args = (grad_out, qk, v, *saved, block_size, fuse, d**-0.5)
     alone = _backward_with_threads(1, *args)
+    _other_values_in_scratch(threads, b, h, n, d, dv, block_size)
     together = _backward_with_threads(threads, *args)
     for expected, got in zip(alone, together):
         assert torch.equal(got, expected)

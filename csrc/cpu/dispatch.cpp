@@ -257,9 +257,12 @@ void mask(const ForwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
-    return run_pairs(params, params.p.pairs(), [&](int64_t pair, avx2::Workspace* ws) {
-      return avx2::mask_pair(params, keep, *products, pair, ws);
-    });
+    return pairs_alone_then_together(
+        params, [&](avx2::Workspace* ws) { return avx2::reserve_forward(params, ws); },
+        [&](int64_t pair, avx2::Workspace* shared, avx2::Workspace* own, const avx2::Team& team) {
+          return avx2::mask_pair(params, keep, *products, pair, shared, own, team);
+        },
+        [](int64_t) {});  // never needed: the mask is computed in float32 whatever the logits
   }
 #else
   capability();  // rejects a bad BSPF_CPU_CAPABILITY

@@ -158,9 +158,10 @@ constexpr Team kAlone = {0, 1, nullptr};  // a pair computed by one thread
 bool reserve_forward(const ForwardParams& params, Workspace* workspace);
 bool reserve_backward(const BackwardParams& params, Workspace* workspace);
 
-// Returns false when scratch memory could not be allocated (nothing is written then).
-bool mask_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
-               Workspace* workspace);
+// One pair's mask words (block_mask), alone or by a team as forward_pair (workspaces
+// reserved by reserve_forward). kDone or, alone, kNoMemory.
+Outcome mask_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
+                  Workspace* shared, Workspace* own, const Team& team);
 // One pair's forward. Alone (kAlone) it reserves `own` and uses it for everything
 // (`shared` is `own`). In a team of several workers, every worker calls it for the same
 // pair with the same `shared` workspace (the pair's X, Xᵀ, V and logits square) and its own

@@ -47,16 +47,27 @@ Workspace* create_workspace() { return new (std::nothrow) Workspace(); }
 
 void destroy_workspace(Workspace* ws) { delete ws; }
 
-bool mask_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& products, int64_t pair,
-               Workspace* workspace) {
-  Workspace& ws = *workspace;
+Outcome mask_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& products, int64_t pair,
+                  Workspace* shared, Workspace* own, const Team& team) {
+  Workspace& sh = *shared;  // the pair's X, Xᵀ and square
+  Workspace& ws = *own;     // this worker's scratch
   const Geometry g(fp.p);
-  if (!reserve_forward(g, ws)) return false;
-  load_logits(g, products, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads,
-              static_cast<float>(fp.p.scale), Mirror::kNone, ws);
-  compute_mask_words(g, products, ws.logits.data, static_cast<const float*>(fp.score_kernel), keep, ws,
-                     fp.saved.mask_words + pair * g.n * g.chunks);
-  return true;
+  if (team.workers == 1 && !reserve_forward(g, ws)) return Outcome::kNoMemory;
+  uint64_t* words = fp.saved.mask_words + pair * g.n * g.chunks;
+  // The forward's first steps (forward_pair), the upper tiles of L only.
+  for_my_bands(g, team, 0, [&](int64_t i0) {
+    gather_x_band(g, static_cast<const float*>(fp.qk), fp.qk_stride, pair, fp.p.heads, i0, sh.x.data);
+    clear_mask_words(g, i0, i0 + 8 < g.n ? i0 + 8 : g.n, words);
+  });
+  for_my_bands(g, team, 0, [&](int64_t i0) { transpose_x_band(g, i0, sh.x.data, sh.xt.data); });
+  meet(team);
+  for_my_bands(g, team, 0, [&](int64_t i0) {
+    logits_band(g, products, sh.x.data, sh.xt.data, static_cast<float>(fp.p.scale), i0, sh.logits.data);
+  });
+  meet(team);
+  select_upper_blocks(g, products, sh.logits.data, static_cast<const float*>(fp.score_kernel), keep, team.worker,
+                      team.workers, ws, words);
+  return Outcome::kDone;
 }
 
 bool reserve_forward(const ForwardParams& fp, Workspace* workspace) { return reserve_forward(Geometry(fp.p), *workspace); }

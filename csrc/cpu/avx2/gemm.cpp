@@ -214,12 +214,6 @@ void mirror_band(const Geometry& g, Mirror mirror, int64_t i0, float* logits) {
     transpose8(logits + j * g.ld + i0, g.ld, logits + i0 * g.ld + j, g.ld);
 }
 
-void compute_logits(const Geometry& g, const Products& products, const float* x, const float* xt, float scale,
-                    Mirror mirror, float* logits) {
-  for (int64_t i0 = 0; i0 < g.ld; i0 += 8) logits_band(g, products, x, xt, scale, i0, logits);
-  for (int64_t i0 = 8; i0 < g.ld; i0 += 8) mirror_band(g, mirror, i0, logits);
-}
-
 void logit_row(const Geometry& g, const float* x, const float* xt, float scale, int64_t i, float* row) {
   const float* xi = x + i * g.dp;
   const __m256 vscale = _mm256_set1_ps(scale);
@@ -238,13 +232,6 @@ void gather_x_band(const Geometry& g, const float* qk, const int64_t* stride, in
 
 void transpose_x_band(const Geometry& g, int64_t i0, const float* x, float* xt) {
   transpose(x + i0 * g.dp, g.dp, 8, g.dp, xt + i0, g.ld);
-}
-
-void load_logits(const Geometry& g, const Products& products, const float* qk, const int64_t* stride, int64_t pair,
-                 int64_t heads, float scale, Mirror mirror, Workspace& ws) {
-  for (int64_t i0 = 0; i0 < g.ld; i0 += 8) gather_x_band(g, qk, stride, pair, heads, i0, ws.x.data);
-  for (int64_t i0 = 0; i0 < g.ld; i0 += 8) transpose_x_band(g, i0, ws.x.data, ws.xt.data);
-  compute_logits(g, products, ws.x.data, ws.xt.data, scale, mirror, ws.logits.data);
 }
 
 }  // namespace bspf::cpu::avx2

@@ -41,25 +41,21 @@ enum class Mirror { kNone, kDiagonalBlocks, kAll };
 // the caller reads mirrored (QQᵀ is symmetric). Padding rows/columns come out 0 since X's
 // padding rows are 0. By row bands of 8 (the steps a team shares out): the GEMM of band
 // i0's upper tiles, then, once every band's are done, its lower tiles mirrored.
-void compute_logits(const Geometry& g, const Products& products, const float* x, const float* xt, float scale,
-                    Mirror mirror, float* logits);
 void logits_band(const Geometry& g, const Products& products, const float* x, const float* xt, float scale,
                  int64_t i0, float* logits);
 void mirror_band(const Geometry& g, Mirror mirror, int64_t i0, float* logits);
 
 // Row i of L = scale · X Xᵀ recomputed from X and Xᵀ (padded, 0 past N) into `row` (ld
 // floats), for the forward, whose logits tile has become E by then. Bit for bit the
-// logits of compute_logits (the same FMA chain over k per entry), so the lse saved from
+// logits of logits_band (the same FMA chain over k per entry), so the lse saved from
 // such a row matches the logits the backward recomputes.
 void logit_row(const Geometry& g, const float* x, const float* xt, float scale, int64_t i, float* row);
 
-// X gathered, Xᵀ, and L (the shared first steps of every entry point).
-void load_logits(const Geometry& g, const Products& products, const float* qk, const int64_t* stride, int64_t pair,
-                 int64_t heads, float scale, Mirror mirror, Workspace& ws);
-// By row bands of 8 (the steps a team shares out): rows [i0, i0 + 8) of X gathered into x
-// (dp floats a row); then, once gathered, transposed into columns [i0, i0 + 8) of Xᵀ (ld
-// floats a row). All rows gathered first, then all transposed: ~1.5% of the forward faster
-// than each band's transpose right after its gather.
+// The first steps of every entry point, by row bands of 8 (the steps a team shares out):
+// rows [i0, i0 + 8) of X gathered into x (dp floats a row); then, once gathered, transposed
+// into columns [i0, i0 + 8) of Xᵀ (ld floats a row). All rows gathered first, then all
+// transposed: ~1.5% of the forward faster than each band's transpose right after its
+// gather.
 void gather_x_band(const Geometry& g, const float* qk, const int64_t* stride, int64_t pair, int64_t heads,
                    int64_t i0, float* x);
 void transpose_x_band(const Geometry& g, int64_t i0, const float* x, float* xt);

@@ -577,10 +577,4 @@ void select_upper_blocks(const Geometry& g, const Products& products, const floa
   }
 }
 
-void compute_mask_words(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
-                        const KeepCounts& keep, Workspace& ws, uint64_t* words) {
-  clear_mask_words(g, 0, g.n, words);
-  select_upper_blocks(g, products, logits, score_kernel, keep, 0, 1, ws, words);
-}
-
 }  // namespace bspf::cpu::avx2

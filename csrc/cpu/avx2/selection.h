@@ -8,17 +8,15 @@
 
 namespace bspf::cpu::avx2 {
 
-// What compute_mask_words needs of ws.keys: the order keys of the upper blocks it
+// What select_upper_blocks needs of ws.keys: the order keys of the upper blocks it
 // searches side by side, 64 KB (four 64×64 blocks; smaller ones go up to 16 at a time).
 constexpr int64_t kSelectionKeys = 4 * 64 * 64;
 
-// SPEC §3.3 for one pair: diagonal blocks full, upper blocks selected, mirrored below. In
+// SPEC §3.3 for one pair: diagonal blocks full, upper blocks selected, mirrored below, in
 // the steps a team shares out: the words of rows [row_begin, row_end) cleared but for their
 // diagonal block's, which is full; then, once every row's are, the upper blocks of the row
 // chunks m with chunk_share(m, shares) = share selected (written to their rows, and
 // mirrored to their columns' rows).
-void compute_mask_words(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
-                        const KeepCounts& keep, Workspace& ws, uint64_t* words);
 void clear_mask_words(const Geometry& g, int64_t row_begin, int64_t row_end, uint64_t* words);
 void select_upper_blocks(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
                          const KeepCounts& keep, int64_t share, int64_t shares, Workspace& ws, uint64_t* words);
