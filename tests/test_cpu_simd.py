@@ -529,6 +529,30 @@ def test_threads_sharing_a_pair_give_the_backward_bits_of_one_thread(vector_path
     assert all(torch.isfinite(g).all() for g in together)
 
 
+@pytest.mark.parametrize("where", ["qk nan", "qk inf", "v nan", "grad_out nan"])
+@pytest.mark.parametrize("n, block_size", [(197, 16), (37, 7)])
+def test_threads_sharing_a_pair_give_the_bits_of_one_thread_with_non_finite_inputs(vector_path, where, n,
+                                                                                   block_size):
+    # NaN and infinity go where one thread sends them, bit for bit (NaN payloads too).
+    generator = torch.Generator().manual_seed(n)
+    qk, v, grad_out = (torch.randn(1, 1, n, 64, generator=generator) for _ in range(3))
+    tensor, value = where.split()
+    {"qk": qk, "v": v, "grad_out": grad_out}[tensor][0, 0, n // 3, 5] = float(value)
+    args = (qk, v, reference.box_score_kernel(torch.float32), block_size, 0.5, True, 0.125)
+    alone = _forward_with_threads(1, *args)
+    _other_values_in_scratch(2, 1, 1, n, 64, 64, block_size)
+    together = _forward_with_threads(2, *args)
+    backward_args = (grad_out, qk, v, *alone[1:], block_size, True, 0.125)
+    grads_alone = _backward_with_threads(1, *backward_args)
+    _other_values_in_scratch(2, 1, 1, n, 64, 64, block_size)
+    grads_together = _backward_with_threads(2, *backward_args)
+    for expected, got in [*zip(alone, together), *zip(grads_alone, grads_together)]:
+        if got.dtype == torch.float32:
+            expected, got = expected.view(torch.int32), got.view(torch.int32)
+        assert torch.equal(got, expected)
+    assert not torch.isfinite(together[0]).all() or tensor == "grad_out"
+
+
 def test_threads_sharing_a_pair_hand_an_extreme_pair_to_the_portable_path(vector_path):
     # One pair, whose rows need the portable path in float32 (test_extreme_logits.py): the
     # workers that computed those rows say so, and the pair is computed there once, whole.
