@@ -9,6 +9,8 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
@@ -72,18 +74,19 @@ class WorkspacePool {
   ~WorkspacePool() {
     for (avx2::Workspace* w : free_) avx2::destroy_workspace(w);
   }
+  // Worker w of a call gets the workspace that worker w of the calls before had (the first
+  // `count` in the pool, which release puts back first), then fresh ones: so the first
+  // worker, which in a team holds the whole pair where the others hold a little scratch,
+  // finds a workspace already grown to it.
   std::vector<avx2::Workspace*> acquire(int32_t count) {
-    std::vector<avx2::Workspace*> taken;
     std::lock_guard<std::mutex> guard(lock_);
+    const auto reused = static_cast<std::ptrdiff_t>(std::min(free_.size(), static_cast<size_t>(count)));
+    std::vector<avx2::Workspace*> taken(free_.begin(), free_.begin() + reused);
+    free_.erase(free_.begin(), free_.begin() + reused);
     while (static_cast<int32_t>(taken.size()) < count) {
-      if (!free_.empty()) {
-        taken.push_back(free_.back());
-        free_.pop_back();
-        continue;
-      }
       avx2::Workspace* fresh = avx2::create_workspace();
       if (!fresh) {
-        free_.insert(free_.end(), taken.begin(), taken.end());
+        free_.insert(free_.begin(), taken.begin(), taken.end());
         throw std::bad_alloc();
       }
       taken.push_back(fresh);
@@ -92,7 +95,7 @@ class WorkspacePool {
   }
   void release(const std::vector<avx2::Workspace*>& workspaces) {
     std::lock_guard<std::mutex> guard(lock_);
-    free_.insert(free_.end(), workspaces.begin(), workspaces.end());
+    free_.insert(free_.begin(), workspaces.begin(), workspaces.end());
   }
 
  private:
@@ -140,31 +143,32 @@ int64_t available_cpus() {
 // left over when the threads do not divide them. The `threads` (no more than the CPUs there
 // are) make as many teams as there are pairs (each of the rest goes to no team), but a team
 // has no more workers than half the pair's chunks, so that each worker's share of a step
-// stays two chunks or more. reserve(workspace) reserves each worker's workspace first; a
-// pair that some worker hands back (kNeedsPortable) goes to portable(pair) afterwards. The
-// results are those of one thread per pair, bit for bit.
+// stays two chunks or more. reserve(workspace, holding) reserves a worker's workspace: the
+// whole pair's buffers for a team's first worker, whose workspace the team shares, and its
+// own scratch only for the others (so that a team takes the memory of one thread alone,
+// and a little more). A pair that some worker hands back (kNeedsPortable) goes to
+// portable(pair) afterwards. The results are those of one thread per pair, bit for bit.
 template <typename Params, typename Reserve, typename PairFn, typename Portable>
 void pairs_together(const Params& params, int64_t first, int64_t end, int32_t threads, Reserve&& reserve,
                     PairFn&& pair_fn, Portable&& portable) {
   std::vector<avx2::Workspace*> workspaces = pool().acquire(threads);
-  for (avx2::Workspace* ws : workspaces) {
-    if (!reserve(ws)) {
-      pool().release(workspaces);
-      throw std::bad_alloc();
-    }
-  }
   struct Shared {
+    Reserve& reserve;
     PairFn& pair_fn;
     const std::vector<avx2::Workspace*>& workspaces;
     int64_t first, end, largest_team;
     std::unique_ptr<TeamBarrier[]> barriers;    // one per team
+    std::vector<unsigned char> reserved;        // per worker
     std::vector<unsigned char> needs_portable;  // per pair and worker
-  } shared{pair_fn,
+    std::atomic<bool> out_of_memory{false};
+  } shared{reserve,
+           pair_fn,
            workspaces,
            first,
            end,
            std::max<int64_t>(1, params.p.num_chunks() / 2),
            std::unique_ptr<TeamBarrier[]>(new TeamBarrier[threads]),
+           std::vector<unsigned char>(threads, 0),
            std::vector<unsigned char>((end - first) * threads, 0)};
   run_team(threads, [](void* ctx, int32_t worker, int32_t workers) {
     // From the workers there are (fewer than asked in a nested call): team k of `size`
@@ -177,6 +181,17 @@ void pairs_together(const Params& params, int64_t first, int64_t end, int32_t th
     const int64_t k = worker / size;
     TeamBarrier* barrier = &s.barriers[k];
     const avx2::Team team{static_cast<int32_t>(worker % size), static_cast<int32_t>(size), barrier};
+    // Reserved here, where the teams are known (a nested call has fewer workers). A team
+    // any of whose workers could not reserve computes nothing; all its workers see that.
+    s.reserved[worker] =
+        s.reserve(s.workspaces[worker], team.worker == 0 ? avx2::Holding::kWholePair : avx2::Holding::kOwnScratch);
+    wait_for_team(barrier, team.workers);
+    for (int64_t w = k * size; w < (k + 1) * size; ++w) {
+      if (!s.reserved[w]) {
+        s.out_of_memory = true;
+        return;
+      }
+    }
     for (int64_t pair = s.first + k; pair < s.end; pair += teams) {
       const avx2::Outcome outcome = s.pair_fn(pair, s.workspaces[k * size], s.workspaces[worker], team);
       s.needs_portable[(pair - s.first) * s.workspaces.size() + worker] = outcome == avx2::Outcome::kNeedsPortable;
@@ -184,6 +199,7 @@ void pairs_together(const Params& params, int64_t first, int64_t end, int32_t th
     }
   }, &shared);
   pool().release(workspaces);
+  if (shared.out_of_memory) throw std::bad_alloc();
   for (int64_t pair = first; pair < end; ++pair) {
     bool needs_portable = false;
     for (int32_t w = 0; w < threads; ++w) needs_portable |= shared.needs_portable[(pair - first) * threads + w] != 0;
@@ -258,7 +274,7 @@ void mask(const ForwardParams& params) {
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
     return pairs_alone_then_together(
-        params, [&](avx2::Workspace* ws) { return avx2::reserve_forward(params, ws); },
+        params, [&](avx2::Workspace* ws, avx2::Holding holding) { return avx2::reserve_forward(params, ws, holding); },
         [&](int64_t pair, avx2::Workspace* shared, avx2::Workspace* own, const avx2::Team& team) {
           return avx2::mask_pair(params, keep, *products, pair, shared, own, team);
         },
@@ -276,7 +292,7 @@ void forward(const ForwardParams& params) {
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
     return pairs_alone_then_together(
-        params, [&](avx2::Workspace* ws) { return avx2::reserve_forward(params, ws); },
+        params, [&](avx2::Workspace* ws, avx2::Holding holding) { return avx2::reserve_forward(params, ws, holding); },
         [&](int64_t pair, avx2::Workspace* shared, avx2::Workspace* own, const avx2::Team& team) {
           return avx2::forward_pair(params, keep, *products, pair, shared, own, team);
         },
@@ -293,7 +309,7 @@ void backward(const BackwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     return pairs_alone_then_together(
-        params, [&](avx2::Workspace* ws) { return avx2::reserve_backward(params, ws); },
+        params, [&](avx2::Workspace* ws, avx2::Holding holding) { return avx2::reserve_backward(params, ws, holding); },
         [&](int64_t pair, avx2::Workspace* shared, avx2::Workspace* own, const avx2::Team& team) {
           return avx2::backward_pair(params, *products, pair, shared, own, team);
         },

@@ -153,10 +153,15 @@ struct Team {
 };
 constexpr Team kAlone = {0, 1, nullptr};  // a pair computed by one thread
 
-// Reserve what forward_pair and backward_pair need of a workspace for these params; false
-// when the memory could not be allocated.
-bool reserve_forward(const ForwardParams& params, Workspace* workspace);
-bool reserve_backward(const BackwardParams& params, Workspace* workspace);
+// What a workspace holds for a pair: all of it (a thread alone, or the first worker of a
+// team, whose workspace the team shares), or a team worker's own scratch only (a few small
+// buffers, where all of it is one to five N×N squares).
+enum class Holding { kWholePair, kOwnScratch };
+
+// Reserve what forward_pair (and mask_pair) and backward_pair need of a workspace for these
+// params; false when the memory could not be allocated.
+bool reserve_forward(const ForwardParams& params, Workspace* workspace, Holding holding);
+bool reserve_backward(const BackwardParams& params, Workspace* workspace, Holding holding);
 
 // One pair's mask words (block_mask), alone or by a team as forward_pair (workspaces
 // reserved by reserve_forward). kDone or, alone, kNoMemory.
@@ -165,7 +170,7 @@ Outcome mask_pair(const ForwardParams& params, const KeepCounts& keep, const Pro
 // One pair's forward. Alone (kAlone) it reserves `own` and uses it for everything
 // (`shared` is `own`). In a team of several workers, every worker calls it for the same
 // pair with the same `shared` workspace (the pair's X, Xᵀ, V and logits square) and its own
-// `own` (scratch), both reserved beforehand by reserve_forward; each computes its share of
+// `own` (scratch), both reserved beforehand by reserve_forward (`shared` as kWholePair); each computes its share of
 // every stage, and the results are those of one worker alone, bit for bit. A worker returns
 // kNeedsPortable when a chunk of rows it computed needs the portable path (then the whole
 // pair goes there).

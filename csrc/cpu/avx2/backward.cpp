@@ -39,8 +39,11 @@ bool reserve_backward(const Geometry& g, Workspace& ws) {
 
 }  // namespace
 
-bool reserve_backward(const BackwardParams& params, Workspace* workspace) {
-  return reserve_backward(Geometry(params.p), *workspace);
+bool reserve_backward(const BackwardParams& params, Workspace* workspace, Holding holding) {
+  const Geometry g(params.p);
+  // A worker's own scratch: sparse_rows' lists for one chunk of rows (Ω ≤ 64).
+  return holding == Holding::kOwnScratch ? workspace->lists.reserve(32 * (g.ld + kLanes))
+                                         : reserve_backward(g, *workspace);
 }
 
 Outcome backward_pair(const BackwardParams& bp, const Products& products, int64_t pair, Workspace* shared,

@@ -33,11 +33,21 @@
 
 namespace bspf::cpu::avx2 {
 
+namespace {
+
+// A worker's own scratch: the score tiles and keys, the matching's Gram matrix, a chunk's
+// output rows, bitmaps and sparse_rows' lists (Ω ≤ 64).
+bool reserve_own_forward(const Geometry& g, Workspace& ws) {
+  return ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(kSelectionKeys) &&
+         ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) &&
+         ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
+}
+
+}  // namespace
+
 bool reserve_forward(const Geometry& g, Workspace& ws) {
   return ws.x.reserve(g.ld * g.dp) && ws.xt.reserve(g.dp * g.ld) && ws.v.reserve(g.ld * g.dvp) &&
-         ws.logits.reserve(g.square()) &&
-         ws.tile.reserve((64 + 2) * (64 + 2 + 2 * kLanes)) && ws.keys.reserve(kSelectionKeys) &&
-         ws.small.reserve(136 + 64 * 64) && ws.out_row.reserve(64 * g.dvp) && ws.bitmap.reserve(64 * bitmap_words(g)) && ws.lists.reserve(32 * (g.ld + kLanes));
+         ws.logits.reserve(g.square()) && reserve_own_forward(g, ws);
 }
 
 const Products kProducts = {gemm,     sparse_rows, score_block,   kept_words,
@@ -70,7 +80,10 @@ Outcome mask_pair(const ForwardParams& fp, const KeepCounts& keep, const Product
   return Outcome::kDone;
 }
 
-bool reserve_forward(const ForwardParams& fp, Workspace* workspace) { return reserve_forward(Geometry(fp.p), *workspace); }
+bool reserve_forward(const ForwardParams& fp, Workspace* workspace, Holding holding) {
+  const Geometry g(fp.p);
+  return holding == Holding::kOwnScratch ? reserve_own_forward(g, *workspace) : reserve_forward(g, *workspace);
+}
 
 Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Products& products, int64_t pair,
                      Workspace* shared, Workspace* own, const Team& team) {

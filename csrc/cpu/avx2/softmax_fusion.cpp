@@ -166,7 +166,8 @@ float fuse_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, fl
   __m256 added = _mm256_setzero_ps();
   // 8 columns of target plus their moved share of source.
   auto fused = [&](uint64_t moved, __m256 h, __m256 source_part, __m256 target_part) {
-    const __m256 value = _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu), _mm256_mul_ps(h, source_part));
+    const __m256 value =
+        _mm256_and_ps(expand_bits(static_cast<uint32_t>(moved) & 0xFFu), _mm256_mul_ps(h, source_part));
     added = _mm256_add_ps(added, value);
     return _mm256_add_ps(target_part, value);
   };
@@ -187,7 +188,8 @@ float fuse_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, fl
       _mm256_storeu_ps(t + j, fused(moved, h, _mm256_loadu_ps(s + j), _mm256_loadu_ps(t + j)));
     if (j < chunk.size) {
       const __m256i lanes = lanes_within(g, chunk.begin + j);
-      _mm256_maskstore_ps(t + j, lanes, fused(moved, h, _mm256_maskload_ps(s + j, lanes), _mm256_maskload_ps(t + j, lanes)));
+      _mm256_maskstore_ps(t + j, lanes,
+                          fused(moved, h, _mm256_maskload_ps(s + j, lanes), _mm256_maskload_ps(t + j, lanes)));
     }
   }
   return hsum(added);
@@ -217,8 +219,8 @@ float fused_grad_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* 
     if (j < chunk.begin + chunk.size) {
       const __m256i lanes = lanes_within(g, j);
       _mm256_maskstore_ps(grad_i + j, lanes,
-                          fused(moved, h, _mm256_maskload_ps(grad_target + j, lanes), _mm256_maskload_ps(probs_i + j, lanes),
-                                _mm256_maskload_ps(grad_i + j, lanes)));
+                          fused(moved, h, _mm256_maskload_ps(grad_target + j, lanes),
+                                _mm256_maskload_ps(probs_i + j, lanes), _mm256_maskload_ps(grad_i + j, lanes)));
     }
   }
   return hsum(acc);
