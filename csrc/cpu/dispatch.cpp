@@ -143,17 +143,17 @@ int64_t available_cpus() {
 // left over when the threads do not divide them. The `threads` (no more than the CPUs there
 // are) make as many teams as there are pairs (each of the rest goes to no team), but a team
 // has no more workers than half the pair's chunks, so that each worker's share of a step
-// stays two chunks or more. reserve(workspace, holding) reserves a worker's workspace: the
-// whole pair's buffers for a team's first worker, whose workspace the team shares, and its
-// own scratch only for the others (so that a team takes the memory of one thread alone,
+// stays two chunks or more. Each worker reserves its workspace (avx2::reserve_workspace):
+// the whole pair's buffers for a team's first worker, whose workspace the team shares, and
+// its own scratch only for the others (so that a team takes the memory of one thread alone,
 // and a little more). A pair that some worker hands back (kNeedsPortable) goes to
 // portable(pair) afterwards. The results are those of one thread per pair, bit for bit.
-template <typename Params, typename Reserve, typename PairFn, typename Portable>
-void pairs_together(const Params& params, int64_t first, int64_t end, int32_t threads, Reserve&& reserve,
-                    PairFn&& pair_fn, Portable&& portable) {
+template <typename Params, typename PairFn, typename Portable>
+void pairs_together(const Params& params, int64_t first, int64_t end, int32_t threads, PairFn&& pair_fn,
+                    Portable&& portable) {
   std::vector<avx2::Workspace*> workspaces = pool().acquire(threads);
   struct Shared {
-    Reserve& reserve;
+    const Params& params;
     PairFn& pair_fn;
     const std::vector<avx2::Workspace*>& workspaces;
     int64_t first, end, largest_team;
@@ -161,7 +161,7 @@ void pairs_together(const Params& params, int64_t first, int64_t end, int32_t th
     std::vector<unsigned char> reserved;        // per worker
     std::vector<unsigned char> needs_portable;  // per pair and worker
     std::atomic<bool> out_of_memory{false};
-  } shared{reserve,
+  } shared{params,
            pair_fn,
            workspaces,
            first,
@@ -183,8 +183,8 @@ void pairs_together(const Params& params, int64_t first, int64_t end, int32_t th
     const avx2::Team team{static_cast<int32_t>(worker % size), static_cast<int32_t>(size), barrier};
     // Reserved here, where the teams are known (a nested call has fewer workers). A team
     // any of whose workers could not reserve computes nothing; all its workers see that.
-    s.reserved[worker] =
-        s.reserve(s.workspaces[worker], team.worker == 0 ? avx2::Holding::kWholePair : avx2::Holding::kOwnScratch);
+    s.reserved[worker] = avx2::reserve_workspace(
+        s.params, s.workspaces[worker], team.worker == 0 ? avx2::Holding::kWholePair : avx2::Holding::kOwnScratch);
     wait_for_team(barrier, team.workers);
     for (int64_t w = k * size; w < (k + 1) * size; ++w) {
       if (!s.reserved[w]) {
@@ -210,9 +210,9 @@ void pairs_together(const Params& params, int64_t first, int64_t end, int32_t th
 // All pairs of a call on the vector path: whole rounds of one pair per thread, then the
 // pairs left over, fewer than the threads, by teams of threads (pairs_together) of no more
 // threads than CPUs (looked up only where some pairs are left over). pair_fn(pair, shared,
-// own, team) computes a pair, reserve and portable as pairs_together takes them.
-template <typename Params, typename Reserve, typename PairFn, typename Portable>
-void pairs_alone_then_together(const Params& params, Reserve&& reserve, PairFn&& pair_fn, Portable&& portable) {
+// own, team) computes a pair, and portable as pairs_together takes it.
+template <typename Params, typename PairFn, typename Portable>
+void pairs_alone_then_together(const Params& params, PairFn&& pair_fn, Portable&& portable) {
   const int64_t pairs = params.p.pairs();
   int64_t threads = params.num_threads > 1 ? params.num_threads : 1;
   if (pairs % threads != 0) threads = std::min(threads, available_cpus());
@@ -224,7 +224,7 @@ void pairs_alone_then_together(const Params& params, Reserve&& reserve, PairFn&&
       return outcome != avx2::Outcome::kNoMemory;
     });
   }
-  if (alone < pairs) pairs_together(params, alone, pairs, static_cast<int32_t>(threads), reserve, pair_fn, portable);
+  if (alone < pairs) pairs_together(params, alone, pairs, static_cast<int32_t>(threads), pair_fn, portable);
 }
 
 avx2::KeepCounts keep_counts(const ForwardParams& params) {
@@ -274,7 +274,7 @@ void mask(const ForwardParams& params) {
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
     return pairs_alone_then_together(
-        params, [&](avx2::Workspace* ws, avx2::Holding holding) { return avx2::reserve_forward(params, ws, holding); },
+        params,
         [&](int64_t pair, avx2::Workspace* shared, avx2::Workspace* own, const avx2::Team& team) {
           return avx2::mask_pair(params, keep, *products, pair, shared, own, team);
         },
@@ -292,7 +292,7 @@ void forward(const ForwardParams& params) {
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     const avx2::KeepCounts keep = keep_counts(params);
     return pairs_alone_then_together(
-        params, [&](avx2::Workspace* ws, avx2::Holding holding) { return avx2::reserve_forward(params, ws, holding); },
+        params,
         [&](int64_t pair, avx2::Workspace* shared, avx2::Workspace* own, const avx2::Team& team) {
           return avx2::forward_pair(params, keep, *products, pair, shared, own, team);
         },
@@ -309,7 +309,7 @@ void backward(const BackwardParams& params) {
 #if defined(BSPF_HAVE_AVX2)
   if (const avx2::Products* products = vector_products(params.p.dtype)) {
     return pairs_alone_then_together(
-        params, [&](avx2::Workspace* ws, avx2::Holding holding) { return avx2::reserve_backward(params, ws, holding); },
+        params,
         [&](int64_t pair, avx2::Workspace* shared, avx2::Workspace* own, const avx2::Team& team) {
           return avx2::backward_pair(params, *products, pair, shared, own, team);
         },

@@ -158,26 +158,27 @@ constexpr Team kAlone = {0, 1, nullptr};  // a pair computed by one thread
 // buffers, where all of it is one to five N×N squares).
 enum class Holding { kWholePair, kOwnScratch };
 
-// Reserve what forward_pair (and mask_pair) and backward_pair need of a workspace for these
-// params; false when the memory could not be allocated.
-bool reserve_forward(const ForwardParams& params, Workspace* workspace, Holding holding);
-bool reserve_backward(const BackwardParams& params, Workspace* workspace, Holding holding);
+// Reserve what forward_pair and mask_pair (ForwardParams) or backward_pair
+// (BackwardParams) need of a workspace for these params; false when the memory could not
+// be allocated.
+bool reserve_workspace(const ForwardParams& params, Workspace* workspace, Holding holding);
+bool reserve_workspace(const BackwardParams& params, Workspace* workspace, Holding holding);
 
 // One pair's mask words (block_mask), alone or by a team as forward_pair (workspaces
-// reserved by reserve_forward). kDone or, alone, kNoMemory.
+// reserved by reserve_workspace). kDone or, alone, kNoMemory.
 Outcome mask_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
                   Workspace* shared, Workspace* own, const Team& team);
 // One pair's forward. Alone (kAlone) it reserves `own` and uses it for everything
 // (`shared` is `own`). In a team of several workers, every worker calls it for the same
 // pair with the same `shared` workspace (the pair's X, Xᵀ, V and logits square) and its own
-// `own` (scratch), both reserved beforehand by reserve_forward (`shared` as kWholePair); each computes its share of
+// `own` (scratch), both reserved beforehand by reserve_workspace (`shared` as kWholePair); each computes its share of
 // every stage, and the results are those of one worker alone, bit for bit. A worker returns
 // kNeedsPortable when a chunk of rows it computed needs the portable path (then the whole
 // pair goes there).
 Outcome forward_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
                      Workspace* shared, Workspace* own, const Team& team);
 // One pair's backward, alone or by a team as forward_pair (workspaces reserved by
-// reserve_backward). kNeedsPortable: the pair's saved log Z is below what this path
+// reserve_workspace). kNeedsPortable: the pair's saved log Z is below what this path
 // computes exactly (every worker of a team returns it, before writing anything).
 Outcome backward_pair(const BackwardParams& params, const Products& products, int64_t pair, Workspace* shared,
                       Workspace* own, const Team& team);

@@ -39,7 +39,7 @@ bool reserve_backward(const Geometry& g, Workspace& ws) {
 
 }  // namespace
 
-bool reserve_backward(const BackwardParams& params, Workspace* workspace, Holding holding) {
+bool reserve_workspace(const BackwardParams& params, Workspace* workspace, Holding holding) {
   const Geometry g(params.p);
   // A worker's own scratch: sparse_rows' lists for one chunk of rows (Ω ≤ 64).
   return holding == Holding::kOwnScratch ? workspace->lists.reserve(32 * (g.ld + kLanes))

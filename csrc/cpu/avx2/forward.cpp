@@ -80,7 +80,7 @@ Outcome mask_pair(const ForwardParams& fp, const KeepCounts& keep, const Product
   return Outcome::kDone;
 }
 
-bool reserve_forward(const ForwardParams& fp, Workspace* workspace, Holding holding) {
+bool reserve_workspace(const ForwardParams& fp, Workspace* workspace, Holding holding) {
   const Geometry g(fp.p);
   return holding == Holding::kOwnScratch ? reserve_own_forward(g, *workspace) : reserve_forward(g, *workspace);
 }
