@@ -46,7 +46,7 @@ void row_sums(const float* row, int64_t ld, const uint64_t* bitmap, float* total
 // fuse_row: row i moves share · H · source(j) to row b(i) (`target`) on the columns j it
 // prunes and b(i) keeps (SPEC §3.7; its own chunk is kept by both rows, so it never moves),
 // its mask words `wi` and b(i)'s `wp`, one per chunk. Returns the sum added to `target`.
-// source and target may be read up to a vector past a chunk (rows have that slack).
+// source and target may be read up to a vector past a chunk, never past the row's end.
 float fuse_row(const ChunkGrid& grid, const uint64_t* wi, const uint64_t* wp, float share, const float* source,
                float* target);
 // probs_rows: the backward's P in place of L, rows [row_begin, row_end) of the ld×ld square:

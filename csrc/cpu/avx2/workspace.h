@@ -38,7 +38,9 @@ struct Geometry {
     while (careful > 0 && (careful - 1) * omega + round_up8(omega) > ld) --careful;
     return {omega, chunks, last, similarity_full, similarity_last, ld, careful};
   }
-  int64_t square() const { return ld * ld + kLanes; }  // + slack: the score tiles read a vector past a row
+  // + a vector of slack past the last row (no vector of a step reaches past its row now: a
+  // margin)
+  int64_t square() const { return ld * ld + kLanes; }
 };
 
 // Which of `shares` workers takes chunk c when a team shares a pair's chunks out (see
