@@ -205,7 +205,6 @@ void logits_band(const Geometry& g, const Products& products, const float* x, co
 }
 
 void mirror_band(const Geometry& g, Mirror mirror, int64_t i0, float* logits) {
-  if (mirror == Mirror::kNone) return;
   // Rows [i0, i0 + 8) start in the chunk that starts at column `own`; the tiles of columns
   // [j, j + 8) that end in it or later are those from j = own & ~7: one integer division
   // per 8 rows, where testing each tile took two.

@@ -32,10 +32,10 @@ void sparse_rows(const float* coef, int64_t ldc, const uint64_t* bitmaps, int64_
 // Copies rows × width floats from a buffer with row stride lds to one with row stride ldd.
 void copy_rows(const float* src, int64_t lds, int64_t rows, int64_t width, float* dst, int64_t ldd);
 
-// Which lower 8×8 tiles of L a caller reads: none (the mask reads upper blocks only), those
-// that share a token chunk with their row (the forward's matching reads the diagonal
-// blocks), or all (the backward).
-enum class Mirror { kNone, kDiagonalBlocks, kAll };
+// Which lower 8×8 tiles of L a caller reads, and so mirrors: those that share a token chunk
+// with their row (the forward's matching reads the diagonal blocks), or all (the
+// backward). block_mask reads upper blocks only and mirrors none.
+enum class Mirror { kDiagonalBlocks, kAll };
 
 // L = scale · X Xᵀ over the ld×ld square: upper 8×8 tiles by products.gemm, the lower ones
 // the caller reads mirrored (QQᵀ is symmetric). Padding rows/columns come out 0 since X's
