@@ -457,8 +457,10 @@ def _other_values_in_scratch(threads, b, h, n, d, dv, block_size):
 # buffer and block_mask's mask must be the bits of one thread per pair. The cases cover
 # chunks that do not fill 8-row bands (Ω = 7, 12), rows whose last chunk's vectors reach
 # past the row's end (N = 37, Ω = 7; N = 53, Ω = 3), fewer chunks than threads, Dv off the
-# vector width (the output copied back), a strided V (gathered), and more threads than
-# this machine's cores.
+# vector width (the output copied back), a strided V (gathered), more threads than this
+# machine's cores, and besides the box kernel with 1/√D another kernel (scored term by term)
+# with a scale that is not a power of two (the matching divides).
+@pytest.mark.parametrize("other_kernel_and_scale", [False, True])
 @pytest.mark.parametrize("threads", [2, 3, 4])
 @pytest.mark.parametrize(
     "shape, block_size, dv, v_step",
@@ -473,20 +475,27 @@ def _other_values_in_scratch(threads, b, h, n, d, dv, block_size):
         ((1, 1, 53, 8), 3, 8, 1),
     ],
 )
-def test_threads_sharing_a_pair_give_the_bits_of_one_thread(vector_path, threads, shape, block_size, dv, v_step):
+def test_threads_sharing_a_pair_give_the_bits_of_one_thread(vector_path, threads, shape, block_size, dv, v_step,
+                                                            other_kernel_and_scale):
     b, h, n, d = shape
     qk, _ = random_inputs(b, h, n, d, dtype=torch.float32, seed=n)
     v = torch.randn(b, h, n, dv * v_step, generator=torch.Generator().manual_seed(n))[..., ::v_step]
-    args = (qk, v, reference.box_score_kernel(torch.float32), block_size, 0.5, True, d**-0.5)
+    kernel, scale = reference.box_score_kernel(torch.float32), d**-0.5
+    if other_kernel_and_scale:
+        kernel = torch.tensor([[0.05, 0.1, 0.05], [0.1, 0.4, 0.1], [0.05, 0.1, 0.05]])
+        scale = 0.3
+    args = (qk, v, kernel, block_size, 0.5, True, scale)
     alone = _forward_with_threads(1, *args)
     _other_values_in_scratch(threads, b, h, n, d, dv, block_size)
     together = _forward_with_threads(threads, *args)
     for expected, got in zip(alone, together):
         assert torch.equal(got, expected)
     # block_mask's pairs likewise, through the same first steps.
-    mask_alone = _with_threads(1, bspf_ext.block_mask, qk, block_size=block_size, keep_ratio=0.5)
+    mask_args = (qk, kernel)
+    mask_options = dict(block_size=block_size, keep_ratio=0.5, scale=scale)
+    mask_alone = _with_threads(1, bspf_ext.block_mask, *mask_args, **mask_options)
     _other_values_in_scratch(threads, b, h, n, d, dv, block_size)
-    mask_together = _with_threads(threads, bspf_ext.block_mask, qk, block_size=block_size, keep_ratio=0.5)
+    mask_together = _with_threads(threads, bspf_ext.block_mask, *mask_args, **mask_options)
     assert torch.equal(mask_together, mask_alone)
 
 
