@@ -8,10 +8,10 @@ pairs of random normal inputs, `--reps` times; it prints the median ticks per pa
 each stage (logits: gathering X, Xᵀ, clearing the mask words, the GEMM, the exps' shift
 and the diagonal blocks' mirror; mask: scoring, the k-th score searches and the mask
 words; match; exps: the upper tiles' exps and their mirror; rows: row sums, fusion and
-logs; values: A·V) and of the whole call. No Python or torch runs in the timed process and nothing else shares it, so
-a stage's change of a few % is resolved where the op's own timing
-(benchmarks/compare_builds.py) cannot see it; but it is one thread of a stage's code,
-not the op, so a change is confirmed there too.
+logs; values: A·V) and of the whole call. No Python or torch runs in the timed process
+and nothing else shares it, so a stage's change of a few % is resolved where the op's own
+timing (benchmarks/compare_builds.py) cannot see it; but it is one thread of a stage's
+code, not the op, so a change is confirmed there too.
 
     python tools/profile_cpu_stages.py                          # this tree, 8×6×197×64's pairs
     python tools/profile_cpu_stages.py --n 577 --reps 10

@@ -75,8 +75,8 @@ Outcome mask_pair(const ForwardParams& fp, const KeepCounts& keep, const Product
     logits_band(g, products, sh.x.data, sh.xt.data, static_cast<float>(fp.p.scale), i0, sh.logits.data);
   });
   meet(team);
-  select_upper_blocks(g, products, sh.logits.data, static_cast<const float*>(fp.score_kernel), keep, team.worker,
-                      team.workers, ws, words);
+  select_upper_blocks(g, products, sh.logits.data, static_cast<const float*>(fp.score_kernel), keep, team, ws,
+                      words);
   return Outcome::kDone;
 }
 
@@ -115,9 +115,8 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   const float* values = v_in_place ? v_pair : sh.v.data;
   const int64_t ldv = v_in_place ? fp.v_stride[2] : g.dvp;
 
-  // A team shares the pair out by chunks of rows (for_my_bands, workspace.h). A stage that
-  // reads what others wrote in the one before starts after they meet.
-  const int64_t me = team.worker, workers = team.workers;
+  // A team shares the pair out by chunks of rows (for_my_bands, for_my_chunks: workspace.h).
+  // A stage that reads what others wrote in the one before starts after they meet.
 
   BSPF_STAGE(kStageStart);
   for_my_bands(g, team, 0, [&](int64_t i0) {
@@ -135,11 +134,11 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   const float shift = logit_bound(g, square);
   for_my_bands(g, team, 8, [&](int64_t i0) { mirror_band(g, Mirror::kDiagonalBlocks, i0, square); });
   BSPF_STAGE(kStageLogits);  // and V's gather, where it runs, and clearing the mask words
-  select_upper_blocks(g, products, square, static_cast<const float*>(fp.score_kernel), keep, me, workers, ws, words);
+  select_upper_blocks(g, products, square, static_cast<const float*>(fp.score_kernel), keep, team, ws, words);
   BSPF_STAGE(kStageMask);
   // No meeting before the matching: of a chunk's diagonal block it reads the lower tiles
   // of bands that start in the chunk, which this worker mirrored, and tiles the GEMM wrote.
-  compute_match(g, sh.x.data, square, scale, me, workers, ws, match, rho);
+  compute_match(g, sh.x.data, square, scale, team, ws, match, rho);
   BSPF_STAGE(kStageMatch);
 
   // E = exp(L − c) with one shift for all rows (symmetric: half the exps), then one chunk
@@ -152,7 +151,7 @@ Outcome forward_pair(const ForwardParams& fp, const KeepCounts& keep, const Prod
   meet(team);
   BSPF_STAGE(kStageExps);
   for (int64_t m = 0; m < g.chunks; ++m) {
-    if (workers > 1 && chunk_share(m, workers) != me) continue;
+    if (team.workers > 1 && chunk_share(m, team.workers) != team.worker) continue;  // for_my_chunks, but the body returns
     const int64_t r0 = g.begin(m), rows = g.size(m);
     float alpha[64];
     if (!chunk_forward_rows(g, products, m, sh.x.data, sh.xt.data, scale, shift, square, words, match, rho,

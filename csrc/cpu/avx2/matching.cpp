@@ -5,8 +5,8 @@
 
 namespace bspf::cpu::avx2 {
 
-void compute_match(const Geometry& g, const float* x, const float* logits, float scale, int64_t share,
-                   int64_t shares, Workspace& ws, int32_t* match, float* rho) {
+void compute_match(const Geometry& g, const float* x, const float* logits, float scale, const Team& team,
+                   Workspace& ws, int32_t* match, float* rho) {
   float* norm = ws.small.data;        // 64 + 8: padding lanes stay finite
   float* cosines = ws.small.data + 72;  // 64
   float* gram = ws.small.data + 136;  // 64×64
@@ -19,8 +19,7 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
   const __m256 eps = _mm256_set1_ps(kCosEps);
   const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t c = 0; c < g.chunks; ++c) {
-    if (shares > 1 && chunk_share(c, shares) != share) continue;
+  for_my_chunks(g, team, [&](int64_t c) {
     const int64_t b0 = g.begin(c), size = g.size(c), width = round_up8(size);
     // The vectors that read the chunk's rows of L: whole ones up to `width` (past the chunk,
     // the row's next columns, which no worker is writing now), unless the last would reach
@@ -95,7 +94,7 @@ void compute_match(const Geometry& g, const float* x, const float* logits, float
       match[b0 + a] = static_cast<int32_t>(b0 + best);
       rho[b0 + a] = best == a ? 0.0f : (best_cos < 0.0f ? 0.0f : best_cos);
     }
-  }
+  });
 }
 
 }  // namespace bspf::cpu::avx2

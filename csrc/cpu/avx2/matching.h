@@ -11,9 +11,8 @@ namespace bspf::cpu::avx2 {
 // The chunk's Gram matrix is its diagonal block of L divided by the scale (L = scale · X Xᵀ
 // is already computed): equal to the dot products up to one rounding, and exact when the
 // scale is a power of two. A zero, tiny, huge or non-finite scale recomputes the dot products.
-// The chunks c with chunk_share(c, shares) = share (a team's worker takes its share; alone:
-// 0 of 1).
-void compute_match(const Geometry& g, const float* x, const float* logits, float scale, int64_t share,
-                   int64_t shares, Workspace& ws, int32_t* match, float* rho);
+// The team worker's chunks (for_my_chunks).
+void compute_match(const Geometry& g, const float* x, const float* logits, float scale, const Team& team,
+                   Workspace& ws, int32_t* match, float* rho);
 
 }  // namespace bspf::cpu::avx2

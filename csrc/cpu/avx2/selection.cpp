@@ -567,14 +567,13 @@ void clear_mask_words(const Geometry& g, int64_t row_begin, int64_t row_end, uin
 }
 
 void select_upper_blocks(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
-                         const KeepCounts& keep, int64_t share, int64_t shares, Workspace& ws, uint64_t* words) {
+                         const KeepCounts& keep, const Team& team, Workspace& ws, uint64_t* words) {
   // Upper blocks have full rows; their columns are full or the last chunk.
   const BlockRank full = block_rank(keep.full, g.omega * g.omega), tail = block_rank(keep.tail, g.omega * g.last);
-  for (int64_t m = 0; m + 1 < g.chunks; ++m) {
-    if (shares > 1 && chunk_share(m, shares) != share) continue;
+  for_my_chunks(g, team, [&](int64_t m) {
     for (int64_t n = m + 1; n < g.chunks;)
       n = select_group(g, products, logits, score_kernel, full, tail, m, n, ws, words);
-  }
+  });
 }
 
 }  // namespace bspf::cpu::avx2

@@ -14,12 +14,12 @@ constexpr int64_t kSelectionKeys = 4 * 64 * 64;
 
 // SPEC §3.3 for one pair: diagonal blocks full, upper blocks selected, mirrored below, in
 // the steps a team shares out: the words of rows [row_begin, row_end) cleared but for their
-// diagonal block's, which is full; then, once every row's are, the upper blocks of the row
-// chunks m with chunk_share(m, shares) = share selected (written to their rows, and
-// mirrored to their columns' rows).
+// diagonal block's, which is full; then, once every row's are, the upper blocks of the
+// team worker's row chunks (for_my_chunks) selected (written to their rows, and mirrored to
+// their columns' rows).
 void clear_mask_words(const Geometry& g, int64_t row_begin, int64_t row_end, uint64_t* words);
 void select_upper_blocks(const Geometry& g, const Products& products, const float* logits, const float* score_kernel,
-                         const KeepCounts& keep, int64_t share, int64_t shares, Workspace& ws, uint64_t* words);
+                         const KeepCounts& keep, const Team& team, Workspace& ws, uint64_t* words);
 
 // The scores of one upper block (SPEC §3.2: the 3×3 kernel over its rows × cols logits at
 // `block`, row stride ld, zero outside the block) as order keys: an int32 per entry whose

@@ -27,17 +27,16 @@ struct Geometry {
       similarity_full[pc] = 1.0f - static_cast<float>(pc) / static_cast<float>(omega);
       similarity_last[pc] = 1.0f - static_cast<float>(pc) / static_cast<float>(last);
     }
+    careful = chunks - 1;  // chunk c's vectors end at c · Ω + round_up8(Ω)
+    while (careful > 0 && (careful - 1) * omega + round_up8(omega) > ld) --careful;
   }
   // H = 1 − popcount / |chunk| for each popcount, as the portable path computes it
   // (SPEC §3.6), so the fusion loop does no division.
   float similarity_full[65], similarity_last[65];
+  int64_t careful;  // ChunkGrid::careful
   int64_t begin(int64_t c) const { return c * omega; }
   int64_t size(int64_t c) const { return c == chunks - 1 ? last : omega; }
-  ChunkGrid grid() const {
-    int64_t careful = chunks - 1;  // chunk c's vectors end at c · Ω + round_up8(Ω)
-    while (careful > 0 && (careful - 1) * omega + round_up8(omega) > ld) --careful;
-    return {omega, chunks, last, similarity_full, similarity_last, ld, careful};
-  }
+  ChunkGrid grid() const { return {omega, chunks, last, similarity_full, similarity_last, ld, careful}; }
   // + a vector of slack past the last row (no vector of a step reaches past its row now: a
   // margin)
   int64_t square() const { return ld * ld + kLanes; }
