@@ -1,6 +1,7 @@
 """A fuzz of the public op on CPU: shapes, strides, block sizes, keep_ratio anywhere in
-[0, 1], scales tiny, huge and negative, both dtypes and both CPU paths, and a few draws with
-N up to 2048. Every draw must give finite output and gradients equal to the reference
+[0, 1], scales tiny, huge and negative, both dtypes, every CPU path this CPU runs, one or
+two threads (two threads share a pair where pairs are fewer than threads), and a few draws
+with N up to 2048. Every draw must give finite output and gradients equal to the reference
 with the kernel's own discrete choices (SPEC §6), and a symmetric mask.
 
 tools/sanitize_cpu.sh runs this file under ASan and UBSan as well: the draws are what
@@ -24,6 +25,11 @@ LAYOUTS = ["contiguous", "transposed", "expanded", "strided", "narrowed"]
 # Multiples of D^-1/2: tiny (every logit ~0, the softmax uniform), ordinary, huge (logits
 # in the thousands), and their negatives (the logits' sign flips, the mask stays symmetric).
 SCALE_FACTORS = [1e-30, 1e-6, 0.5, 1.0, 30.0, 1e3, -1e-6, -1.0, -1e3]
+# "auto" is the best vector path (AVX-512 where the CPU has it); AVX2 forced where it runs.
+PATHS = ["auto", "scalar"] + (["avx2"] if bspf_ext.cpu_capability() in ("avx2", "avx512") else [])
+# Value widths around the vector paths' cases: under a vector, whole vectors, the 64-wide
+# A·V walk, and past it.
+WIDE_DIMS = [15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 80, 128, 129]
 
 
 @st.composite
@@ -32,14 +38,15 @@ def problems(draw, min_n=0, max_n=200):
         b=draw(st.integers(1, 2)),
         h=draw(st.integers(1, 2)),
         n=draw(st.integers(min_n, max_n)),
-        d=draw(st.integers(1, 48)),
-        dv=draw(st.integers(1, 12)),
+        d=draw(st.one_of(st.integers(1, 48), st.sampled_from(WIDE_DIMS))),
+        dv=draw(st.one_of(st.integers(1, 12), st.sampled_from(WIDE_DIMS))),
         block_size=draw(st.integers(1, 64)),
         keep_ratio=draw(st.floats(0.0, 1.0)),
         scale_factor=draw(st.sampled_from(SCALE_FACTORS)),
         fuse=draw(st.booleans()),
         dtype=draw(st.sampled_from([torch.float32, torch.float64])),
-        path=draw(st.sampled_from(["auto", "scalar"])),
+        path=draw(st.sampled_from(PATHS)),
+        threads=draw(st.sampled_from([1, 2])),
         layout=draw(st.sampled_from(LAYOUTS)),
         seed=draw(st.integers(0, 2**16)),
     )
@@ -75,17 +82,19 @@ def conditioned_rtol(qk, scale) -> float:
 
 
 @contextmanager
-def cpu_path(path):
-    """Forces the portable path for "scalar"; "auto" lets dispatch choose (AVX2 for float32
-    where the CPU has it)."""
-    before = os.environ.get("BSPF_CPU_CAPABILITY")
-    if path == "scalar":
-        os.environ["BSPF_CPU_CAPABILITY"] = "scalar"
-    else:
+def cpu_path(path, threads):
+    """Forces a path ("scalar", "avx2"), or lets dispatch choose ("auto": the best vector
+    path for float32 where the CPU has one), on `threads` threads."""
+    before, threads_before = os.environ.get("BSPF_CPU_CAPABILITY"), torch.get_num_threads()
+    if path == "auto":
         os.environ.pop("BSPF_CPU_CAPABILITY", None)
+    else:
+        os.environ["BSPF_CPU_CAPABILITY"] = path
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
+        torch.set_num_threads(threads_before)
         if before is None:
             os.environ.pop("BSPF_CPU_CAPABILITY", None)
         else:
@@ -96,7 +105,7 @@ def check_draw(p, *, gradients=True):
     qk, v = laid_out(p)
     scale = p["scale_factor"] * p["d"] ** -0.5
     options = dict(block_size=p["block_size"], keep_ratio=p["keep_ratio"], fuse=p["fuse"], scale=scale)
-    with cpu_path(p["path"]):
+    with cpu_path(p["path"], p["threads"]):
         out, mask, match = kernel_choices(qk, v, None, **options)
         assert out.shape == (*qk.shape[:3], v.shape[-1])
         assert torch.isfinite(out).all()
