@@ -171,10 +171,10 @@ Outcome mask_pair(const ForwardParams& params, const KeepCounts& keep, const Pro
 // One pair's forward. Alone (kAlone) it reserves `own` and uses it for everything
 // (`shared` is `own`). In a team of several workers, every worker calls it for the same
 // pair with the same `shared` workspace (the pair's X, Xᵀ, V and logits square) and its own
-// `own` (scratch), both reserved beforehand by reserve_workspace (`shared` as kWholePair); each computes its share of
-// every stage, and the results are those of one worker alone, bit for bit. A worker returns
-// kNeedsPortable when a chunk of rows it computed needs the portable path (then the whole
-// pair goes there).
+// `own` (scratch), both reserved beforehand by reserve_workspace (`shared` as kWholePair);
+// each computes its share of every stage, and the results are those of one worker alone,
+// bit for bit. A worker returns kNeedsPortable when a chunk of rows it computed needs the
+// portable path (then the whole pair goes there).
 Outcome forward_pair(const ForwardParams& params, const KeepCounts& keep, const Products& products, int64_t pair,
                      Workspace* shared, Workspace* own, const Team& team);
 // One pair's backward, alone or by a team as forward_pair (workspaces reserved by

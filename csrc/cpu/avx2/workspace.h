@@ -37,8 +37,7 @@ struct Geometry {
   int64_t begin(int64_t c) const { return c * omega; }
   int64_t size(int64_t c) const { return c == chunks - 1 ? last : omega; }
   ChunkGrid grid() const { return {omega, chunks, last, similarity_full, similarity_last, ld, careful}; }
-  // + a vector of slack past the last row (no vector of a step reaches past its row now: a
-  // margin)
+  // + a vector past the last row: a margin (no step's vector reaches past its row's end).
   int64_t square() const { return ld * ld + kLanes; }
 };
 
